@@ -1,0 +1,53 @@
+"""vggspec: a compiler from VGG-style network specs to PyTorch modules and ONNX graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import DataError, ModelError, SpecError, SpecNotFoundError, VggspecError, WeightsError
+from .graph import LayerGraph, build, fully_conv
+from .resources import resolve_spec
+from .spec import parse, parse_file
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+
+def load_spec(spec: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> LayerGraph:
+    """Parse a spec file (or a shipped name such as "D") into its layer graph."""
+    path = resolve_spec(spec)
+    return build(parse_file(path, tuple(overrides)))
+
+
+def loads_spec(text: str, path: str = "<spec>", overrides: tuple[str, ...] | list[str] = ()) -> LayerGraph:
+    """Parse spec text into its layer graph."""
+    return build(parse(text, path, tuple(overrides)))
+
+
+def _graph(spec_or_graph: str | Path | LayerGraph) -> LayerGraph:
+    return spec_or_graph if isinstance(spec_or_graph, LayerGraph) else load_spec(spec_or_graph)
+
+
+def to_torch(spec_or_graph: str | Path | LayerGraph, **kwargs: Any) -> torch.nn.Module:
+    """An instance of the generated PyTorch module for a spec (imports torch)."""
+    from .backends.torch import to_torch as _to_torch
+
+    return _to_torch(_graph(spec_or_graph), **kwargs)
+
+
+def export_onnx(spec_or_graph: str | Path | LayerGraph, output: str | Path | None = None, **kwargs: Any) -> onnx.ModelProto:
+    """Build the ONNX graph of a spec, and write it atomically when `output` is given (no torch)."""
+    from .backends.onnx import export_onnx as _export
+
+    return _export(_graph(spec_or_graph), output, **kwargs)
+
+
+__all__ = [
+    "DataError", "LayerGraph", "ModelError", "SpecError", "SpecNotFoundError", "VggspecError",
+    "WeightsError", "__version__", "build", "export_onnx", "fully_conv", "load_spec", "loads_spec",
+    "resolve_spec", "to_torch",
+]

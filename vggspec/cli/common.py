@@ -1,0 +1,74 @@
+"""What every command shares: error reporting, the SPEC argument, --set, atomic outputs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import SpecError, VggspecError
+from ..graph import LayerGraph, PassError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one error line on stderr and exit."""
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+class ErrorHandlingGroup(click.Group):
+    """Turns library errors into `path:line:col: error:` messages and exit codes, never tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpecError as exc:
+            fail(exc.format(), 1)
+        except VggspecError as exc:
+            fail(exc.format(), 1)
+        except PassError as exc:
+            fail(f"error: {exc}", 1)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except MemoryError:
+            fail("error: out of memory", 1)
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            fail(f"{where}error: {exc.strerror or exc}", 1)
+
+
+def spec_argument(f: F) -> F:
+    return click.argument("spec", metavar="SPEC")(f)
+
+
+def set_option(f: F) -> F:
+    return click.option(
+        "--set", "sets", multiple=True, metavar="KEY=VALUE",
+        help="Override a header key for this command, e.g. --set norm=batch --set classes=10.",
+    )(f)
+
+
+def load_graph(spec: str, sets: tuple[str, ...] = ()) -> LayerGraph:
+    from .. import load_spec
+
+    return load_spec(spec, sets)
+
+
+def parse_hw(value: str | None) -> tuple[int, int] | None:
+    """`384` or `384x512` to (height, width)."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not HxW, e.g. 384x384") from None
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise click.BadParameter(f"'{value}' is not HxW with positive sizes")
+    return hw  # type: ignore[return-value]

@@ -1,0 +1,155 @@
+"""Syntax tree to LayerGraph: expand repetitions, name layers as the original release did, infer shapes."""
+
+from __future__ import annotations
+
+from ..spec import DiagnosticSink, Span, SpecTree
+from ..spec.parser import OVERRIDE_PATH
+from .infer import ShapeError, annotate
+from .layer import Layer
+from .layergraph import GraphMeta, LayerGraph, Preprocessing
+
+MAX_PARAMS = 10**10  # 40 GB of float32: beyond any machine this runs on
+MAX_MACS = 10**15
+
+# AlexNet's LRN: b = a / (k + alpha * sum a^2)^beta. PyTorch and ONNX divide alpha by n,
+# so the graph stores alpha * n to compute the same function.
+LRN_SIZE, LRN_ALPHA_ALEXNET, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+def build(tree: SpecTree) -> LayerGraph:
+    """Build the layer graph of a parsed spec, reporting every located error together."""
+    sink = DiagnosticSink(tree.path, tree.source)
+    header = tree.header
+    assert header is not None, "parse() validates the header before build()"
+    layers = _expand(tree, sink)
+    sink.raise_if_any()
+    h, w, c = header.input
+    try:
+        layers = annotate(layers, (c, h, w))
+    except ShapeError as exc:
+        sink.error(_span_of(exc.layer), str(exc), exc.hint)
+        sink.raise_if_any()
+    _check_size(layers, sink)
+    classes = _check_classes(tree, layers, sink)
+    sink.raise_if_any()
+    meta = GraphMeta(
+        name=header.name, input_shape=(c, h, w), classes=classes, norm=header.norm,
+        dropout=header.dropout, init=header.init,
+        preprocessing=Preprocessing(header.scale, header.mean, header.std),
+        spec_text=tree.source, spec_path=tree.path,
+    )
+    return LayerGraph.from_layers(layers, meta)
+
+
+def _span_of(layer: Layer) -> Span:
+    return Span(*layer.loc) if layer.loc else Span(1, 1)
+
+
+class _Namer:
+    """Names layers conv{stage}_{i}, pool{stage}, fc{n}, as the original Caffe release did."""
+
+    def __init__(self) -> None:
+        self.stage, self.index, self.fc = 1, 0, 0
+
+    def conv(self) -> tuple[str, str]:
+        self.index += 1
+        return f"{self.stage}_{self.index}", f"conv{self.stage}_{self.index}"
+
+    def pool(self) -> str:
+        name = f"pool{self.stage}"
+        self.stage, self.index = self.stage + 1, 0
+        return name
+
+    def next_fc(self) -> int:
+        if self.fc == 0:
+            self.fc = self.stage + (1 if self.index else 0)
+        else:
+            self.fc += 1
+        return self.fc
+
+
+def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
+    header = tree.header
+    assert header is not None
+    namer = _Namer()
+    layers = [Layer("input", "input", {}, 1)]
+    fcs = [t for t in tree.layers if t.kind == "fc"]
+    total_fc = sum(t.repeat for t in fcs)
+    adapt = _classes_override(tree)
+    seen_fc = seen_softmax = 0
+    for token in tree.layers:
+        loc = (token.span.line, token.span.col, token.span.length)
+        base: dict = {}
+        if seen_softmax:
+            sink.error(token.span, f"'{token.text}' after soft-max", "soft-max must be the last layer")
+            continue
+        if token.kind in ("conv", "lrn", "maxpool") and seen_fc:
+            sink.error(token.span, f"'{token.text}' after a fully connected layer", "convolutions, LRN and pooling come before the FC layers")
+            continue
+        for _ in range(token.repeat):
+            if token.kind == "conv":
+                suffix, name = namer.conv()
+                attrs = {**base, "kernel": token.kernel, "out_channels": token.channels, "padding": token.kernel // 2, "stride": 1}
+                layers.append(Layer(name, "conv", attrs, namer.stage, loc))
+                if header.norm == "batch":
+                    layers.append(Layer(f"bn{suffix}", "bn", {**base, "eps": 1e-5, "momentum": 0.1}, namer.stage, loc))
+                layers.append(Layer(f"relu{suffix}", "relu", dict(base), namer.stage, loc))
+            elif token.kind == "lrn":
+                attrs = {**base, "size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}
+                layers.append(Layer(f"norm{namer.stage}", "lrn", attrs, namer.stage, loc))
+            elif token.kind == "maxpool":
+                layers.append(Layer(namer.pool(), "maxpool", {**base, "kernel": 2, "stride": 2}, namer.stage, loc))
+            elif token.kind == "fc":
+                n = namer.next_fc()
+                if not seen_fc:
+                    layers.append(Layer("flatten", "flatten", dict(base), namer.stage, loc))
+                seen_fc += 1
+                units = adapt if adapt and seen_fc == total_fc else token.channels
+                layers.append(Layer(f"fc{n}", "fc", {**base, "out_features": units}, namer.stage, loc))
+                if seen_fc < total_fc:
+                    layers.append(Layer(f"relu{n}", "relu", dict(base), namer.stage, loc))
+                    if header.dropout > 0:
+                        layers.append(Layer(f"drop{n}", "dropout", {**base, "p": header.dropout}, namer.stage, loc))
+            else:
+                seen_softmax = 1
+                layers.append(Layer("prob", "softmax", {**base, "axis": 1}, namer.stage, loc))
+                break
+    if not fcs:
+        sink.error(tree.end, "spec has no FC layer", "end the network with FC-N soft-max, N the number of classes")
+    elif not seen_softmax:
+        sink.error(tree.end, "spec does not end with soft-max", "add soft-max after the last FC layer")
+    return layers
+
+
+def _check_size(layers: list[Layer], sink: DiagnosticSink) -> None:
+    params = macs = 0
+    for layer in layers:
+        params += layer.params
+        macs += layer.macs
+        if params > MAX_PARAMS or macs > MAX_MACS:
+            sink.error(
+                _span_of(layer),
+                f"spec too large to build: {params:.3g} parameters and {macs:.3g} MACs by {layer.name}",
+                f"vggspec builds at most {MAX_PARAMS:.0e} parameters and {MAX_MACS:.0e} MACs",
+            )
+            return
+
+
+def _classes_override(tree: SpecTree) -> int | None:
+    """`--set classes=N` adapts the last FC layer to N classes instead of disagreeing with it."""
+    entry = tree.entries.get("classes")
+    if entry is not None and entry.origin == OVERRIDE_PATH and tree.header is not None:
+        return tree.header.classes
+    return None
+
+
+def _check_classes(tree: SpecTree, layers: list[Layer], sink: DiagnosticSink) -> int:
+    fcs = [layer for layer in layers if layer.op == "fc"]
+    if not fcs:
+        return 0
+    last = fcs[-1].attrs["out_features"]
+    declared = tree.header.classes if tree.header else None
+    if declared is not None and declared != last:
+        entry = tree.entries["classes"]
+        sink.error(entry.value_span, f"classes: {declared} disagrees with the last FC layer, FC-{last}", f"set classes: {last}, or end with FC-{declared}")
+    return last

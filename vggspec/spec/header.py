@@ -1,0 +1,122 @@
+"""Header keys: what each means, its default, and how its text becomes a value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+MAX_SIDE = 16384
+MAX_CHANNELS_IN = 64
+
+
+class HeaderValueError(ValueError):
+    """A header value that does not parse; carries an optional hint."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
+        raise HeaderValueError(
+            f"name '{text}' is not an identifier",
+            "use letters, digits, '-' and '_', starting with a letter",
+        )
+    return text
+
+
+def _input(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"\s*([^xX\s]+)\s*[xX]\s*([^xX\s]+)\s*(?:[xX]\s*([^xX\s]+)\s*)?", text)
+    if not m:
+        raise HeaderValueError(f"input '{text}' is not HxWxC", "write it as 224x224x3")
+    parts = [m.group(1), m.group(2), m.group(3) or "3"]
+    values = []
+    for what, part in zip(("height", "width", "channels"), parts):
+        if not re.fullmatch(r"\d+", part):
+            raise HeaderValueError(f"input {what} '{part}' is not a positive integer")
+        values.append(int(part))
+    h, w, c = values
+    if h < 1 or w < 1 or c < 1:
+        raise HeaderValueError("input sizes must be at least 1")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise HeaderValueError(f"input {h}x{w} is larger than {MAX_SIDE} on a side")
+    if c > MAX_CHANNELS_IN:
+        raise HeaderValueError(f"input has {c} channels; at most {MAX_CHANNELS_IN} are supported")
+    return h, w, c
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
+        raise HeaderValueError(f"'{text}' is not a positive integer")
+    return int(text)
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise HeaderValueError(
+                f"'{text}' is not one of {', '.join(options)}", f"use one of: {', '.join(options)}"
+            )
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise HeaderValueError(f"'{text}' is not a number", "write a decimal or a fraction such as 1/255") from None
+
+
+def _probability(text: str) -> float:
+    p = _number(text)
+    if not 0.0 <= p < 1.0:
+        raise HeaderValueError(f"dropout {p} is outside [0, 1)")
+    return p
+
+
+def _scale(text: str) -> float:
+    s = _number(text)
+    if s <= 0:
+        raise HeaderValueError(f"scale {s} must be positive")
+    return s
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise HeaderValueError("expected one number per input channel")
+    return tuple(_number(p) for p in parts)
+
+
+def _positive_numbers(text: str) -> tuple[float, ...]:
+    values = _numbers(text)
+    if any(v <= 0 for v in values):
+        raise HeaderValueError("std values must be positive")
+    return values
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    parse: Callable[[str], Any]
+    help: str
+
+
+KEYS: dict[str, KeySpec] = {
+    "name": KeySpec(_name, "the model's name; the generated class is named after it"),
+    "input": KeySpec(_input, "input size HxWxC, e.g. 224x224x3"),
+    "classes": KeySpec(_positive_int, "number of classes; must equal the last FC's outputs"),
+    "norm": KeySpec(_choice("none", "batch"), "batch: batch norm after every convolution"),
+    "dropout": KeySpec(_probability, "dropout after each hidden FC layer (0 for none)"),
+    "init": KeySpec(_choice("paper", "xavier", "kaiming"), "weight initialisation scheme"),
+    "scale": KeySpec(_scale, "pixel scale applied before mean and std (1/255 or 1)"),
+    "mean": KeySpec(_numbers, "per-channel mean subtracted after scaling, RGB order"),
+    "std": KeySpec(_positive_numbers, "per-channel std divided after the mean"),
+    "labels": KeySpec(str.strip, "a text file of class labels, one per line, beside the spec"),
+}

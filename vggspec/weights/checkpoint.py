@@ -1,0 +1,91 @@
+"""The native checkpoint: safetensors (no pickle), keyed as the generated module's state_dict.
+
+Metadata (string to string, as safetensors requires) holds:
+  format         "vggspec"
+  vggspec        the version that wrote it
+  spec           the spec text the tensors belong to
+  preprocessing  JSON: scale, mean, std, channel_order, layout
+  labels         JSON list of class labels, when known
+  source         where the tensors came from (init:paper:seed=0, torchvision:vgg16.pth, train:...)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import WeightsError
+from ..graph import LayerGraph, Preprocessing
+from .init import param_shapes
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, np.ndarray]
+    spec: str = ""
+    preprocessing: Preprocessing | None = None
+    labels: tuple[str, ...] = ()
+    source: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        from .. import __version__
+
+        meta = {"format": "vggspec", "vggspec": __version__, "spec": self.spec, "source": self.source}
+        if self.preprocessing is not None:
+            meta["preprocessing"] = json.dumps(self.preprocessing.to_dict())
+        if self.labels:
+            meta["labels"] = json.dumps(list(self.labels))
+        return {**self.extra, **meta}
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write a checkpoint atomically."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in checkpoint.tensors.items()}
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=checkpoint.metadata())
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a file that is not safetensors is a WeightsError, not a traceback."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError("no such checkpoint file", str(path))
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of bad file
+        raise WeightsError(f"not a safetensors checkpoint ({exc})", str(path)) from None
+    pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
+    known = {"format", "vggspec", "spec", "preprocessing", "labels", "source"}
+    return Checkpoint(
+        tensors=tensors, spec=meta.get("spec", ""),
+        preprocessing=Preprocessing.from_dict(pre) if pre else None,
+        labels=tuple(json.loads(meta["labels"])) if "labels" in meta else (),
+        source=meta.get("source", ""), extra={k: v for k, v in meta.items() if k not in known},
+    )
+
+
+def check_tensors(graph: LayerGraph, tensors: dict[str, np.ndarray], path: str | None = None) -> None:
+    """Raise WeightsError at the first tensor whose name or shape does not match the graph."""
+    expected = param_shapes(graph)
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise WeightsError(f"missing tensor {key} (layer {key.split('.')[0]}, shape {shape})", path)
+        if tuple(tensors[key].shape) != shape:
+            raise WeightsError(
+                f"layer {key.split('.')[0]}: {key} has shape {tuple(tensors[key].shape)}, the spec needs {shape}", path,
+                "was the checkpoint made for another spec, or with other --set options?",
+            )
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise WeightsError(f"unexpected tensor {extra[0]} (the spec has no such layer)", path)
