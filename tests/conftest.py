@@ -1,0 +1,53 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A meta-path finder that makes `import torch` (and torchvision) fail, as on an edge box without them.
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+            return None
+    sys.meta_path.insert(0, _NoTorch())
+    """
+)
+
+
+def _run_without_torch(code: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter where torch cannot be imported."""
+    script = BLOCK_TORCH + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_without_torch():
+    return _run_without_torch
+
+
+def _vggspec_cli(*args: str, cwd: Path | None = None, without_torch: bool = False, timeout: float = 600):
+    """Run `python -m vggspec ARGS` in a subprocess, optionally where torch cannot be imported."""
+    if without_torch:
+        code = f"import sys; sys.argv = ['vggspec', *{list(args)!r}]\nimport runpy; runpy.run_module('vggspec', run_name='__main__')"
+        return _run_without_torch(code, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vggspec", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def vggspec_cli():
+    return _vggspec_cli
