@@ -29,7 +29,11 @@ def _run_without_torch(code: str, cwd: Path | None = None, timeout: float = 300)
     """Run Python code in a fresh interpreter where torch cannot be imported."""
     script = BLOCK_TORCH + textwrap.dedent(code)
     return subprocess.run(
-        [sys.executable, "-c", script], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-c", script],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -41,10 +45,15 @@ def run_without_torch():
 def _vggspec_cli(*args: str, cwd: Path | None = None, without_torch: bool = False, timeout: float = 600):
     """Run `python -m vggspec ARGS` in a subprocess, optionally where torch cannot be imported."""
     if without_torch:
-        code = f"import sys; sys.argv = ['vggspec', *{list(args)!r}]\nimport runpy; runpy.run_module('vggspec', run_name='__main__')"
+        code = f"import sys, runpy\nsys.argv = ['vggspec', *{list(args)!r}]\n"
+        code += "runpy.run_module('vggspec', run_name='__main__')"
         return _run_without_torch(code, cwd=cwd, timeout=timeout)
     return subprocess.run(
-        [sys.executable, "-m", "vggspec", *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "vggspec", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

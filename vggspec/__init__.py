@@ -39,7 +39,9 @@ def to_torch(spec_or_graph: str | Path | LayerGraph, **kwargs: Any) -> torch.nn.
     return _to_torch(_graph(spec_or_graph), **kwargs)
 
 
-def export_onnx(spec_or_graph: str | Path | LayerGraph, output: str | Path | None = None, **kwargs: Any) -> onnx.ModelProto:
+def export_onnx(
+    spec_or_graph: str | Path | LayerGraph, output: str | Path | None = None, **kwargs: Any
+) -> onnx.ModelProto:
     """Build the ONNX graph of a spec, and write it atomically when `output` is given (no torch)."""
     from .backends.onnx import export_onnx as _export
 
@@ -47,7 +49,19 @@ def export_onnx(spec_or_graph: str | Path | LayerGraph, output: str | Path | Non
 
 
 __all__ = [
-    "DataError", "LayerGraph", "ModelError", "SpecError", "SpecNotFoundError", "VggspecError",
-    "WeightsError", "__version__", "build", "export_onnx", "fully_conv", "load_spec", "loads_spec",
-    "resolve_spec", "to_torch",
+    "DataError",
+    "LayerGraph",
+    "ModelError",
+    "SpecError",
+    "SpecNotFoundError",
+    "VggspecError",
+    "WeightsError",
+    "__version__",
+    "build",
+    "export_onnx",
+    "fully_conv",
+    "load_spec",
+    "loads_spec",
+    "resolve_spec",
+    "to_torch",
 ]

@@ -19,7 +19,7 @@ def resource_dir(name: str) -> Path:
 
 def shipped_specs() -> dict[str, Path]:
     """The paper's configurations by name: A, A-LRN, B, C, D, E."""
-    return {p.stem: p for p in sorted(resource_dir("specs").glob("*.vgg"))}
+    return {p.stem: p for p in sorted(resource_dir("specs").glob("*.vgg"), key=lambda p: p.stem)}
 
 
 def resolve_spec(name_or_path: str | Path) -> Path:
@@ -34,5 +34,7 @@ def resolve_spec(name_or_path: str | Path) -> Path:
     if len(path.parts) == 1 and key in shipped:
         return shipped[key]
     raise SpecNotFoundError(
-        "no such spec file", str(path), f"shipped specs are {', '.join(shipped_specs())}",
+        "no such spec file",
+        str(path),
+        f"shipped specs are {', '.join(shipped_specs())}",
     )

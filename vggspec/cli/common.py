@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,6 +40,12 @@ class ErrorHandlingGroup(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             fail(f"{where}error: {exc.strerror or exc}", 1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug of ours: say so in one line; VGGSPEC_DEBUG=1 shows the trace
+            if os.environ.get("VGGSPEC_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} (set VGGSPEC_DEBUG=1 for the traceback)", 70)
 
 
 def spec_argument(f: F) -> F:
@@ -47,7 +54,10 @@ def spec_argument(f: F) -> F:
 
 def set_option(f: F) -> F:
     return click.option(
-        "--set", "sets", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Override a header key for this command, e.g. --set norm=batch --set classes=10.",
     )(f)
 

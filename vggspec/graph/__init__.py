@@ -7,6 +7,17 @@ from .layergraph import GraphMeta, LayerGraph, Preprocessing
 from .passes import PassError, fully_conv, reshape
 
 __all__ = [
-    "MAX_PARAMS", "GraphMeta", "Layer", "LayerGraph", "PassError", "Preprocessing", "Shape",
-    "ShapeError", "annotate", "build", "fully_conv", "kernel_hw", "reshape",
+    "MAX_PARAMS",
+    "GraphMeta",
+    "Layer",
+    "LayerGraph",
+    "PassError",
+    "Preprocessing",
+    "Shape",
+    "ShapeError",
+    "annotate",
+    "build",
+    "fully_conv",
+    "kernel_hw",
+    "reshape",
 ]

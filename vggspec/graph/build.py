@@ -33,10 +33,15 @@ def build(tree: SpecTree) -> LayerGraph:
     classes = _check_classes(tree, layers, sink)
     sink.raise_if_any()
     meta = GraphMeta(
-        name=header.name, input_shape=(c, h, w), classes=classes, norm=header.norm,
-        dropout=header.dropout, init=header.init,
+        name=header.name,
+        input_shape=(c, h, w),
+        classes=classes,
+        norm=header.norm,
+        dropout=header.dropout,
+        init=header.init,
         preprocessing=Preprocessing(header.scale, header.mean, header.std),
-        spec_text=tree.source, spec_path=tree.path,
+        spec_text=tree.source,
+        spec_path=tree.path,
     )
     return LayerGraph.from_layers(layers, meta)
 
@@ -84,12 +89,22 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
             sink.error(token.span, f"'{token.text}' after soft-max", "soft-max must be the last layer")
             continue
         if token.kind in ("conv", "lrn", "maxpool") and seen_fc:
-            sink.error(token.span, f"'{token.text}' after a fully connected layer", "convolutions, LRN and pooling come before the FC layers")
+            sink.error(
+                token.span,
+                f"'{token.text}' after a fully connected layer",
+                "convolutions, LRN and pooling come before the FC layers",
+            )
             continue
         for _ in range(token.repeat):
             if token.kind == "conv":
                 suffix, name = namer.conv()
-                attrs = {**base, "kernel": token.kernel, "out_channels": token.channels, "padding": token.kernel // 2, "stride": 1}
+                attrs = {
+                    **base,
+                    "kernel": token.kernel,
+                    "out_channels": token.channels,
+                    "padding": token.kernel // 2,
+                    "stride": 1,
+                }
                 layers.append(Layer(name, "conv", attrs, namer.stage, loc))
                 if header.norm == "batch":
                     layers.append(Layer(f"bn{suffix}", "bn", {**base, "eps": 1e-5, "momentum": 0.1}, namer.stage, loc))
@@ -98,7 +113,8 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
                 attrs = {**base, "size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}
                 layers.append(Layer(f"norm{namer.stage}", "lrn", attrs, namer.stage, loc))
             elif token.kind == "maxpool":
-                layers.append(Layer(namer.pool(), "maxpool", {**base, "kernel": 2, "stride": 2}, namer.stage, loc))
+                stage = namer.stage
+                layers.append(Layer(namer.pool(), "maxpool", {**base, "kernel": 2, "stride": 2}, stage, loc))
             elif token.kind == "fc":
                 n = namer.next_fc()
                 if not seen_fc:
@@ -151,5 +167,9 @@ def _check_classes(tree: SpecTree, layers: list[Layer], sink: DiagnosticSink) ->
     declared = tree.header.classes if tree.header else None
     if declared is not None and declared != last:
         entry = tree.entries["classes"]
-        sink.error(entry.value_span, f"classes: {declared} disagrees with the last FC layer, FC-{last}", f"set classes: {last}, or end with FC-{declared}")
+        sink.error(
+            entry.value_span,
+            f"classes: {declared} disagrees with the last FC layer, FC-{last}",
+            f"set classes: {last}, or end with FC-{declared}",
+        )
     return last

@@ -47,7 +47,8 @@ def _maxpool(layer: Layer, s: Shape) -> tuple[Shape, int, int]:
     ho, wo = (h - k) // st + 1, (w - k) // st + 1
     if h < k or w < k:
         raise ShapeError(
-            layer, f"{layer.name} shrinks the {h}x{w} map below 1x1",
+            layer,
+            f"{layer.name} shrinks the {h}x{w} map below 1x1",
             "remove a maxpool or give a larger input",
         )
     return (c, ho, wo), 0, 0
@@ -80,8 +81,17 @@ def _mean(layer: Layer, s: Shape) -> tuple[Shape, int, int]:
 
 
 RULES: dict[str, Rule] = {
-    "input": _same, "conv": _conv, "bn": _bn, "relu": _same, "lrn": _same, "maxpool": _maxpool,
-    "flatten": _flatten, "fc": _fc, "dropout": _same, "mean": _mean, "softmax": _same,
+    "input": _same,
+    "conv": _conv,
+    "bn": _bn,
+    "relu": _same,
+    "lrn": _same,
+    "maxpool": _maxpool,
+    "flatten": _flatten,
+    "fc": _fc,
+    "dropout": _same,
+    "mean": _mean,
+    "softmax": _same,
 }
 
 

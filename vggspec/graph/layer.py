@@ -39,7 +39,9 @@ class Layer:
         return {
             "input": lambda: "input",
             "conv": lambda: (
-                f"FC-{a['out_channels']} as conv{a['kernel']}" if a.get("from_fc") else f"conv{a['kernel']}-{a['out_channels']}"
+                f"FC-{a['out_channels']} as conv{a['kernel']}"
+                if a.get("from_fc")
+                else f"conv{a['kernel']}-{a['out_channels']}"
             ),
             "bn": lambda: "batch norm",
             "relu": lambda: "ReLU",

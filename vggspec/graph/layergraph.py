@@ -23,15 +23,21 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
-            "channel_order": self.channel_order, "layout": self.layout,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+            "layout": self.layout,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
-            float(d.get("scale", 1 / 255)), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
-            d.get("channel_order", "RGB"), d.get("layout", "NCHW"),
+            float(d.get("scale", 1 / 255)),
+            tuple(map(float, d["mean"])),
+            tuple(map(float, d["std"])),
+            d.get("channel_order", "RGB"),
+            d.get("layout", "NCHW"),
         )
 
 

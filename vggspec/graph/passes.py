@@ -31,8 +31,12 @@ def fully_conv(graph: LayerGraph, input_hw: tuple[int, int] | None = None) -> La
         if layer.op == "fc":
             c, h, w = previous_map if first else (layer.in_shape[0], 1, 1)
             attrs = {
-                "from_fc": True, "kernel": h if h == w else (h, w), "padding": 0, "stride": 1,
-                "in_channels": c, "out_channels": layer.attrs["out_features"],
+                "from_fc": True,
+                "kernel": h if h == w else (h, w),
+                "padding": 0,
+                "stride": 1,
+                "in_channels": c,
+                "out_channels": layer.attrs["out_features"],
             }
             layers.append(layer.with_(op="conv", attrs=attrs))
             first = False

@@ -9,8 +9,17 @@ from .parser import parse
 from .syntax import Header, HeaderEntry, LayerToken, SpecTree
 
 __all__ = [
-    "Diagnostic", "DiagnosticSink", "Header", "HeaderEntry", "LayerToken", "Span", "SpecError",
-    "SpecTree", "decode", "parse", "parse_file",
+    "Diagnostic",
+    "DiagnosticSink",
+    "Header",
+    "HeaderEntry",
+    "LayerToken",
+    "Span",
+    "SpecError",
+    "SpecTree",
+    "decode",
+    "parse",
+    "parse_file",
 ]
 
 MAX_SPEC_BYTES = 1 << 20
@@ -27,7 +36,9 @@ def decode(data: bytes, path: str) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        sink.error(Span(line, col), f"file is not UTF-8 text (byte 0x{data[exc.start]:02x})", "save the spec as UTF-8 text")
+        sink.error(
+            Span(line, col), f"file is not UTF-8 text (byte 0x{data[exc.start]:02x})", "save the spec as UTF-8 text"
+        )
         sink.raise_if_any()
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1

@@ -35,7 +35,7 @@ def _input(text: str) -> tuple[int, int, int]:
         raise HeaderValueError(f"input '{text}' is not HxWxC", "write it as 224x224x3")
     parts = [m.group(1), m.group(2), m.group(3) or "3"]
     values = []
-    for what, part in zip(("height", "width", "channels"), parts):
+    for what, part in zip(("height", "width", "channels"), parts, strict=True):
         if not re.fullmatch(r"\d+", part):
             raise HeaderValueError(f"input {what} '{part}' is not a positive integer")
         values.append(int(part))
@@ -59,9 +59,7 @@ def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in options:
-            raise HeaderValueError(
-                f"'{text}' is not one of {', '.join(options)}", f"use one of: {', '.join(options)}"
-            )
+            raise HeaderValueError(f"'{text}' is not one of {', '.join(options)}", f"use one of: {', '.join(options)}")
         return value
 
     return parse

@@ -37,7 +37,9 @@ def parse(source: str, path: str = "<spec>", overrides: tuple[str, ...] = ()) ->
                 sink.error(span, "header line after the first layer", "move header lines to the top of the spec")
                 continue
             value_col = line.index(m.group(3), m.end(2)) + 1 if m.group(3) else len(line) + 1
-            entry = HeaderEntry(m.group(2).lower(), m.group(3), span, Span(lineno, value_col, max(1, len(m.group(3)))), path)
+            entry = HeaderEntry(
+                m.group(2).lower(), m.group(3), span, Span(lineno, value_col, max(1, len(m.group(3)))), path
+            )
             _add_entry(tree, entry, sink)
             continue
         in_layers = True
@@ -78,7 +80,9 @@ def _apply_overrides(tree: SpecTree, overrides: tuple[str, ...]) -> None:
             problems.error(Span(lineno, 1, max(1, len(text.partition("=")[0]))), f"cannot set '{key}'", hint)
             continue
         col = len(text.partition("=")[0]) + 2
-        tree.entries[key] = HeaderEntry(key, value.strip(), Span(lineno, 1, len(key)), Span(lineno, col, max(1, len(value))), OVERRIDE_PATH)
+        tree.entries[key] = HeaderEntry(
+            key, value.strip(), Span(lineno, 1, len(key)), Span(lineno, col, max(1, len(value))), OVERRIDE_PATH
+        )
     problems.raise_if_any()
     tree.overrides = list(overrides)
 
@@ -122,7 +126,11 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
     if "*" in text:
         text, _, count = text.rpartition("*")
         if not re.fullmatch(r"\d+", count) or not 1 <= int(count) <= MAX_REPEAT:
-            sink.error(span, f"repetition '*{count}' must be an integer from 1 to {MAX_REPEAT}", f"write e.g. {text or 'conv3-64'}*3")
+            sink.error(
+                span,
+                f"repetition '*{count}' must be an integer from 1 to {MAX_REPEAT}",
+                f"write e.g. {text or 'conv3-64'}*3",
+            )
             return None
         repeat = int(count)
     if text in ("maxpool", "lrn", "soft-max", "softmax"):
@@ -133,7 +141,11 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
         kernel = _number_in(m.group(1), "kernel size", span, sink, 1, MAX_KERNEL)
         channels = _number_in(m.group(2), "channel count", span, sink, 1, MAX_WIDTH)
         if kernel and kernel % 2 == 0:
-            sink.error(span, f"kernel size {kernel} is even", f"use an odd size such as conv{kernel + 1}-{m.group(2)}: padding k//2 keeps the size only for odd k")
+            sink.error(
+                span,
+                f"kernel size {kernel} is even",
+                f"use an odd size such as conv{kernel + 1}-{m.group(2)}: padding k//2 keeps the size only for odd k",
+            )
             return None
         return LayerToken("conv", word, span, kernel, channels, repeat) if kernel and channels else None
     m = re.fullmatch(r"fc-(.*)", text)
@@ -170,4 +182,3 @@ def _suggest(text: str) -> str | None:
     if close:
         return f"did you mean '{close[0]}'?"
     return "layers are convK-C, maxpool, LRN, FC-N and soft-max"
-

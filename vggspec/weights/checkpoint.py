@@ -68,10 +68,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
     known = {"format", "vggspec", "spec", "preprocessing", "labels", "source"}
     return Checkpoint(
-        tensors=tensors, spec=meta.get("spec", ""),
+        tensors=tensors,
+        spec=meta.get("spec", ""),
         preprocessing=Preprocessing.from_dict(pre) if pre else None,
         labels=tuple(json.loads(meta["labels"])) if "labels" in meta else (),
-        source=meta.get("source", ""), extra={k: v for k, v in meta.items() if k not in known},
+        source=meta.get("source", ""),
+        extra={k: v for k, v in meta.items() if k not in known},
     )
 
 
@@ -83,7 +85,8 @@ def check_tensors(graph: LayerGraph, tensors: dict[str, np.ndarray], path: str |
             raise WeightsError(f"missing tensor {key} (layer {key.split('.')[0]}, shape {shape})", path)
         if tuple(tensors[key].shape) != shape:
             raise WeightsError(
-                f"layer {key.split('.')[0]}: {key} has shape {tuple(tensors[key].shape)}, the spec needs {shape}", path,
+                f"layer {key.split('.')[0]}: {key} has shape {tuple(tensors[key].shape)}, the spec needs {shape}",
+                path,
                 "was the checkpoint made for another spec, or with other --set options?",
             )
     extra = [k for k in tensors if k not in expected]

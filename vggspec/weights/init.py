@@ -55,7 +55,8 @@ def init_layer(layer: Layer, scheme: str, seed: int) -> dict[str, np.ndarray]:
     if layer.op == "bn":
         c = layer.out_shape[0]
         return {
-            f"{layer.name}.weight": np.ones(c, np.float32), f"{layer.name}.bias": np.zeros(c, np.float32),
+            f"{layer.name}.weight": np.ones(c, np.float32),
+            f"{layer.name}.bias": np.zeros(c, np.float32),
             f"{layer.name}.running_mean": np.zeros(c, np.float32),
             f"{layer.name}.running_var": np.ones(c, np.float32),
             f"{layer.name}.num_batches_tracked": np.zeros((), np.int64),

@@ -1,0 +1,117 @@
+"""`vggspec summary`, `vggspec graph`, and the command line's manners: errors, --help, --version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from vggspec.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_summary_json_reproduces_table2():
+    out = json.loads(run("summary", "D", "--json").output)
+    assert out["name"] == "vgg_d" and out["params"] == 138_357_544 and out["macs"] == 15_470_264_320
+    first = out["layers"][1]
+    assert set(first) >= {"name", "op", "output_shape", "params", "macs", "receptive_field"}
+    assert first["name"] == "conv1_1" and first["params"] == 1792
+
+
+def test_summary_table_names_every_layer():
+    result = run("summary", "E")
+    assert result.exit_code == 0
+    assert "conv5_4" in result.output and "143,667,240" in result.output
+
+
+def test_summary_at_a_larger_input_is_the_dense_form():
+    out = json.loads(run("summary", "D", "--input", "384", "--json").output)
+    assert out["fully_conv"] and out["params"] == 138_357_544
+    assert out["layers"][-3]["output_shape"] == [1000, 6, 6]
+
+
+def test_set_overrides_on_the_command_line():
+    out = json.loads(run("summary", "D", "--set", "norm=batch", "--set", "classes=10", "--json").output)
+    assert out["classes"] == 10 and any(x["op"] == "bn" for x in out["layers"])
+
+
+@pytest.mark.parametrize("suffix", ["png", "svg", "dot", "pdf"])
+def test_graph_pictures(tmp_path, suffix):
+    target = tmp_path / f"d.{suffix}"
+    result = run("graph", "D", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    data = target.read_bytes()
+    assert {"png": b"\x89PNG", "svg": b"<?xml", "dot": b"digraph", "pdf": b"%PDF"}[suffix] in data[:64]
+    if suffix == "dot":
+        assert b"conv5_3" in data and b"cluster_stage5" in data
+
+
+def test_spec_error_prints_location_and_caret(tmp_path):
+    bad = tmp_path / "bad.vgg"
+    bad.write_text("input: 32x32\nconv3_64 maxpool\nFC-10 soft-max\n")
+    result = run("summary", str(bad))
+    assert result.exit_code == 1
+    assert f"{bad}:2:1: error: unknown layer 'conv3_64'" in result.output
+    assert "    ^~~~~~~~" in result.output and "did you mean 'conv3-64'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_file_and_bad_output_are_one_line(tmp_path):
+    result = run("summary", str(tmp_path / "nope.vgg"))
+    assert result.exit_code == 1 and "no such spec file" in result.output
+    result = run("graph", "D", "-o", str(tmp_path / "missing" / "d.png"))
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert not (tmp_path / "missing").exists()
+
+
+def test_not_utf8_spec(tmp_path):
+    bad = tmp_path / "bin.vgg"
+    bad.write_bytes(b"conv3-8 \xfe\xff")
+    result = run("summary", str(bad))
+    assert result.exit_code == 1 and "not UTF-8" in result.output
+
+
+def test_python_m_vggspec_and_version():
+    out = subprocess.run([sys.executable, "-m", "vggspec", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "vggspec, version" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "vggspec", "--help"], capture_output=True, text=True)
+    assert "summary" in out.stdout and "graph" in out.stdout
+
+
+def test_summary_and_graph_run_without_torch(vggspec_cli, tmp_path):
+    result = vggspec_cli("summary", "C", "--json", without_torch=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["params"] == 133_638_952
+    result = vggspec_cli("graph", "C", "-o", str(tmp_path / "c.svg"), without_torch=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_wheel_ships_specs_and_templates(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("vggspec-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vggspec/specs/D.vgg" in names and "vggspec/specs/A-LRN.vgg" in names
+    assert any(n.startswith("vggspec/templates/") for n in names)

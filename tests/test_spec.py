@@ -1,0 +1,134 @@
+"""The spec language: tokens, headers, overrides, and the located errors of bad specs."""
+
+from __future__ import annotations
+
+import pytest
+
+import vggspec
+from vggspec.spec import SpecError, decode, parse
+
+SMALL = "name: small\ninput: 32x32x3\nconv3-8 maxpool conv3-16 maxpool FC-32 FC-5 soft-max\n"
+
+
+def errors(text: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        vggspec.loads_spec(text, "t.vgg", overrides)
+    return [d.format() for d in info.value.diagnostics]
+
+
+def test_tokens_are_case_insensitive_and_repeat():
+    g = vggspec.loads_spec("input: 32x32\nCONV3-8*2 MaxPool fc-10 Soft-Max\n")
+    assert [x.name for x in g.layers if x.op == "conv"] == ["conv1_1", "conv1_2"]
+    assert g.layer("fc2").attrs["out_features"] == 10
+
+
+def test_comments_and_header_defaults():
+    g = vggspec.loads_spec("# a comment\nconv3-8 # trailing\nmaxpool FC-3 soft-max\n", "net.vgg")
+    assert g.meta.name == "net"
+    assert g.meta.input_shape == (3, 224, 224)
+    assert g.meta.dropout == 0.5 and g.meta.init == "paper" and g.meta.norm == "none"
+
+
+def test_names_follow_the_original_release():
+    names = [x.name for x in vggspec.load_spec("D").layers]
+    assert names[:4] == ["input", "conv1_1", "relu1_1", "conv1_2"]
+    assert "conv5_3" in names and "pool5" in names
+    assert names[-9:] == ["flatten", "fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8", "prob"]
+
+
+def test_batch_norm_and_dropout_headers():
+    g = vggspec.loads_spec(SMALL, overrides=("norm=batch", "dropout=0"))
+    assert [x.name for x in g.layers][:4] == ["input", "conv1_1", "bn1_1", "relu1_1"]
+    assert not g.of_op("dropout")
+
+
+def test_set_classes_adapts_the_last_fc():
+    g = vggspec.load_spec("D", ("classes=10",))
+    assert g.layer("fc8").out_shape == (10,) and g.meta.classes == 10
+
+
+def test_lrn_converts_alexnet_alpha_to_the_pytorch_convention():
+    (lrn,) = vggspec.load_spec("A-LRN").of_op("lrn")
+    assert lrn.name == "norm1"
+    assert lrn.attrs == {"size": 5, "alpha": pytest.approx(5e-4), "beta": 0.75, "k": 2.0}
+
+
+def test_fraction_and_list_header_values():
+    g = vggspec.loads_spec("scale: 1/255\nmean: 1, 2, 3\nstd: 4 5 6\n" + SMALL.split("\n", 2)[2])
+    assert g.meta.preprocessing.scale == pytest.approx(1 / 255)
+    assert g.meta.preprocessing.mean == (1, 2, 3)
+
+
+GOLDEN = {
+    "conv3_64 FC-3 soft-max": [
+        "t.vgg:1:1: error: unknown layer 'conv3_64'",
+        "    conv3_64 FC-3 soft-max",
+        "    ^~~~~~~~",
+        "  hint: did you mean 'conv3-64'?",
+    ],
+    "conv3-0 FC-3 soft-max": ["t.vgg:1:1: error: channel count 0 is out of range"],
+    "conv4-8 FC-3 soft-max": ["t.vgg:1:1: error: kernel size 4 is even"],
+    "conv99-8 FC-3 soft-max": ["t.vgg:1:1: error: kernel size 99 is out of range"],
+    "conv3--5 FC-3 soft-max": ["t.vgg:1:1: error: channel count -5 is out of range"],
+    "conv3-abc FC-3 soft-max": ["t.vgg:1:1: error: channel count 'abc' is not a number"],
+    "FC-3 soft-max conv3-8": ["t.vgg:1:15: error: 'conv3-8' after soft-max"],
+    "colour: red\nFC-3 soft-max": ["t.vgg:1:1: error: unknown header key 'colour'"],
+    "name: a\nname: b\nFC-3 soft-max": ["t.vgg:2:1: error: header key 'name' repeated"],
+    "classes: 5\nFC-3 soft-max": ["t.vgg:1:10: error: classes: 5 disagrees with the last FC layer, FC-3"],
+    "input: 8x8\nconv3-4 maxpool maxpool maxpool maxpool FC-3 soft-max": [
+        "t.vgg:2:33: error: pool4 shrinks the 1x1 map below 1x1"
+    ],
+    "": ["t.vgg:1:1: error: empty spec: no layers"],
+    "conv3-8 maxpool soft-max": ["t.vgg:1:25: error: spec has no FC layer"],
+    "input: 224x224\nconv3-1048576 conv3-1048576 FC-3 soft-max": ["error: spec too large to build"],
+    "maxpol FC-3 soft-max": ["hint: did you mean 'maxpool'?"],
+    "fc4096 soft-max": ["hint: did you mean 'FC-4096'?"],
+    "input: 224xabc\nFC-3 soft-max": ["t.vgg:1:8: error: input: input width 'abc' is not a positive integer"],
+    "conv3-8*0 FC-3 soft-max": ["repetition '*0' must be an integer from 1 to 1024"],
+    "FC-3 conv3-8 FC-3 soft-max": ["'conv3-8' after a fully connected layer"],
+    "FC-3": ["spec does not end with soft-max"],
+}
+
+
+@pytest.mark.parametrize("text", GOLDEN)
+def test_golden_errors(text: str):
+    out = "\n".join(errors(text))
+    for expected in GOLDEN[text]:
+        assert expected in out, out
+
+
+def test_all_errors_of_a_file_are_reported_together():
+    found = errors("conv3_8 conv4-8\nbogus FC-3 soft-max")
+    assert len(found) == 3
+    assert [f.split(": error")[0] for f in found] == ["t.vgg:1:1", "t.vgg:1:9", "t.vgg:2:1"]
+
+
+def test_override_errors_point_into_the_override():
+    (found,) = errors(SMALL, ("norm=layer",))
+    assert found.startswith("<--set>:1:6: error: norm: 'layer' is not one of none, batch")
+    (found,) = errors(SMALL, ("colour=red",))
+    assert "cannot set 'colour'" in found
+
+
+def test_not_utf8_is_located():
+    with pytest.raises(SpecError) as info:
+        decode(b"conv3-8\nFC-3 \xff soft-max", "bad.vgg")
+    assert info.value.diagnostics[0].format().startswith("bad.vgg:2:6: error: file is not UTF-8 text")
+    with pytest.raises(SpecError, match="binary"):
+        decode(b"\x00\x01\x02", "bin.vgg")
+
+
+def test_parse_keeps_positions():
+    tree = parse("name: x\n\n  conv3-8*2   maxpool\nFC-2 soft-max\n", "p.vgg")
+    conv, pool = tree.layers[:2]
+    assert (conv.span.line, conv.span.col, conv.span.length, conv.repeat) == (3, 3, 9, 2)
+    assert (pool.span.line, pool.span.col) == (3, 15)
+    assert tree.entries["name"].value_span.col == 7
+
+
+def test_shipped_specs_resolve_by_bare_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert vggspec.load_spec("d").meta.name == "vgg_d"
+    assert vggspec.load_spec("A-LRN.vgg").meta.name == "vgg_a_lrn"
+    with pytest.raises(vggspec.SpecNotFoundError):
+        vggspec.load_spec("F")
