@@ -132,3 +132,16 @@ def test_shipped_specs_resolve_by_bare_name(tmp_path, monkeypatch):
     assert vggspec.load_spec("A-LRN.vgg").meta.name == "vgg_a_lrn"
     with pytest.raises(vggspec.SpecNotFoundError):
         vggspec.load_spec("F")
+
+
+def test_labels_file_is_read_beside_the_spec(tmp_path):
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    spec = tmp_path / "pets.vgg"
+    spec.write_text("labels: names.txt\ninput: 32x32\nconv3-4 maxpool FC-2 soft-max\n")
+    assert vggspec.load_spec(spec).meta.labels == ("cat", "dog")
+    spec.write_text("labels: names.txt\ninput: 32x32\nconv3-4 maxpool FC-3 soft-max\n")
+    with pytest.raises(SpecError, match="2 labels for 3 classes"):
+        vggspec.load_spec(spec)
+    spec.write_text("labels: missing.txt\ninput: 32x32\nconv3-4 maxpool FC-3 soft-max\n")
+    with pytest.raises(SpecError, match="cannot read labels file"):
+        vggspec.load_spec(spec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..spec import DiagnosticSink, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
 from .infer import ShapeError, annotate
@@ -31,6 +33,7 @@ def build(tree: SpecTree) -> LayerGraph:
         sink.raise_if_any()
     _check_size(layers, sink)
     classes = _check_classes(tree, layers, sink)
+    labels = _read_labels(tree, classes, sink)
     sink.raise_if_any()
     meta = GraphMeta(
         name=header.name,
@@ -42,6 +45,7 @@ def build(tree: SpecTree) -> LayerGraph:
         preprocessing=Preprocessing(header.scale, header.mean, header.std),
         spec_text=tree.source,
         spec_path=tree.path,
+        labels=labels,
     )
     return LayerGraph.from_layers(layers, meta)
 
@@ -149,6 +153,23 @@ def _check_size(layers: list[Layer], sink: DiagnosticSink) -> None:
                 f"vggspec builds at most {MAX_PARAMS:.0e} parameters and {MAX_MACS:.0e} MACs",
             )
             return
+
+
+def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[str, ...]:
+    """The `labels:` file, one label per line, relative to the spec's folder."""
+    entry = tree.entries.get("labels")
+    if entry is None or not tree.header or not tree.header.labels:
+        return ()
+    base = Path(tree.path).parent if entry.origin == tree.path else Path.cwd()
+    path = base / tree.header.labels
+    try:
+        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        sink.error(entry.value_span, f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}")
+        return ()
+    if classes and len(labels) != classes:
+        sink.error(entry.value_span, f"labels file {path} has {len(labels)} labels for {classes} classes")
+    return labels
 
 
 def _classes_override(tree: SpecTree) -> int | None:
