@@ -1,0 +1,448 @@
+"""vggspec.runtime on hand-built ONNX models: preprocessing, sessions, protocols against numpy references, fusion.
+
+The models here are Conv(3x3, valid) -> GlobalAveragePool -> Softmax, small enough that a numpy forward
+pass is the reference for every protocol.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from vggspec.errors import DataError, ModelError
+from vggspec.runtime import (
+    Member,
+    Model,
+    Overrides,
+    Protocol,
+    Runner,
+    crop_positions,
+    fuse,
+    grid_crops,
+    load,
+    load_image,
+    normalise,
+    rescale,
+)
+from vggspec.runtime.preprocess import to_array
+from vggspec.runtime.session import Preprocess, check_provider, create_session
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+CLASSES = 4
+
+
+# ---------------------------------------------------------------- models built by hand
+
+
+def conv_model(path: Path, hw=(8, 8), fully_conv=True, seed=0, meta=True, flip=False, channels=3, softmax=True,
+               batch: int | str = "N", extra_meta=None) -> Path:
+    """Conv 3x3 (valid) -> GAP -> Flatten -> Softmax, with a `scores` output and the vggspec metadata."""
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(size=(CLASSES, channels, 3, 3)) * 0.8).astype(np.float32)
+    b = rng.normal(size=CLASSES).astype(np.float32)
+    dims = [batch, channels, "H", "W"] if fully_conv else [batch, channels, *hw]
+    nodes = [helper.make_node("Conv", ["input", "W", "B"], ["scores"], kernel_shape=[3, 3]),
+             helper.make_node("GlobalAveragePool", ["scores"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Softmax", ["flat"], ["probs"], axis=1) if softmax
+             else helper.make_node("Identity", ["flat"], ["probs"])]
+    outputs = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, CLASSES]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, CLASSES, "h", "w"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+                              outputs, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    if meta:
+        props = {
+            "vggspec.version": "0.1.0", "vggspec.name": f"conv{seed}", "vggspec.classes": str(CLASSES),
+            "vggspec.input_size": json.dumps(list(hw)), "vggspec.channels": str(channels),
+            "vggspec.preprocessing": json.dumps({"scale": 1 / 255, "mean": list(MEAN[:channels]),
+                                                 "std": list(STD[:channels]), "channel_order": "RGB",
+                                                 "layout": "NCHW"}),
+            "vggspec.fully_conv": str(fully_conv).lower(), "vggspec.flip": str(flip).lower(),
+            "vggspec.embedded_preprocessing": "false", "vggspec.scores": "true", "vggspec.precision": "fp32",
+            "vggspec.labels": json.dumps(["cat", "dog", "eel", "fox"]), **(extra_meta or {}),
+        }
+        helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def ref_forward(model_path: Path, pixels: np.ndarray) -> np.ndarray:
+    """numpy reference of conv_model on one uint8 H x W x 3 image: posteriors (CLASSES,)."""
+    m = onnx.load(str(model_path))
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    x = ((pixels.astype(np.float64) / 255 - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1)
+    w, b = init["W"].astype(np.float64), init["B"].astype(np.float64)
+    h, wd = x.shape[1] - 2, x.shape[2] - 2
+    out = np.zeros((CLASSES, h, wd))
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("kc,chw->khw", w[:, :, dy, dx], x[:, dy:dy + h, dx:dx + wd])
+    s = out.mean(axis=(1, 2)) + b
+    e = np.exp(s - s.max())
+    return e / e.sum()
+
+
+def ref_positions(side: int, crop: int) -> list[int]:
+    return [int(round(i * (side - crop) / 4)) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runtime")
+
+
+@pytest.fixture(scope="module")
+def models(tmp) -> dict[str, Path]:
+    return {
+        "dense": conv_model(tmp / "dense.onnx"),
+        "standard": conv_model(tmp / "standard.onnx", fully_conv=False),
+        "dense2": conv_model(tmp / "dense2.onnx", seed=1),
+        "flip": conv_model(tmp / "flip.onnx", flip=True),
+        "bare": conv_model(tmp / "bare.onnx", meta=False, softmax=False),
+        "batch1": conv_model(tmp / "batch1.onnx", fully_conv=False, batch=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def image(tmp) -> Path:
+    rng = np.random.default_rng(7)
+    path = tmp / "img.png"
+    Image.fromarray((rng.random((13, 19, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("side,crop", [(224, 224), (256, 224), (384, 224), (10, 8), (9, 8), (30, 7)])
+def test_crop_positions_match_reference(side, crop):
+    assert crop_positions(side, crop) == ref_positions(side, crop)
+    assert crop_positions(side, crop)[0] == 0 and crop_positions(side, crop)[-1] == side - crop
+
+
+def test_grid_crops_are_the_5x5_grid_then_mirrors():
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 255, (11, 14, 3), dtype=np.uint8)
+    crops = grid_crops(px, (8, 8))
+    assert crops.shape == (50, 8, 8, 3)
+    ref = [px[y:y + 8, x:x + 8] for y in ref_positions(11, 8) for x in ref_positions(14, 8)]
+    np.testing.assert_array_equal(crops[:25], np.stack(ref))
+    np.testing.assert_array_equal(crops[25:], np.stack([c[:, ::-1] for c in ref]))
+    assert grid_crops(px, (8, 8), flip=False).shape == (25, 8, 8, 3)
+
+
+def test_normalise_matches_reference_and_channel_order():
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 255, (2, 4, 5, 3), dtype=np.uint8)
+    prep = Preprocess(1 / 255, MEAN, STD)
+    ref = ((batch / 255 - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(normalise(batch, prep), ref, atol=1e-5)
+    bgr = normalise(batch, Preprocess(1.0, (1, 2, 3), (1, 1, 1), "BGR"))
+    np.testing.assert_allclose(bgr[:, 0], batch[..., 2] - 1.0)
+    assert normalise(batch, Preprocess(layout="NHWC")).shape == (2, 4, 5, 3)
+
+
+def test_rescale_is_isotropic_smallest_side_q():
+    img = Image.new("RGB", (300, 200))
+    assert rescale(img, 100).size == (150, 100)
+    assert rescale(Image.new("RGB", (200, 300)), 256).size == (256, 384)
+    assert rescale(img, None).size == (300, 200)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1", "I;16", "I"])
+def test_image_modes_convert(tmp, mode):
+    src = Image.new("RGB", (6, 4), (200, 100, 50))
+    if mode in ("I;16", "I"):
+        img = Image.fromarray(np.full((4, 6), 65535, np.uint16 if mode == "I;16" else np.int32))
+    else:
+        img = src.convert(mode)
+    path = tmp / f"mode_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png' if mode != 'I' else 'tif'}"
+    img.save(path)
+    rgb, grey = load_image(path, 3), load_image(path, 1)
+    assert (rgb.mode, rgb.size, grey.mode) == ("RGB", (6, 4), "L")
+    if mode.startswith("I"):
+        assert to_array(grey).min() == 255  # 16-bit white is white, not clipped garbage
+
+
+def test_exif_orientation_applied(tmp):
+    img = Image.new("RGB", (20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp / "exif.jpg", exif=exif)
+    assert load_image(tmp / "exif.jpg").size == (10, 20)
+
+
+def _bad_files(tmp: Path, good: Path) -> dict[str, Path]:
+    data = good.read_bytes()
+    bad = tmp / "bad"
+    bad.mkdir(exist_ok=True)
+    files = {"empty": b"", "not an image": b"hello, I am text\n", "truncated": data[: len(data) // 2]}
+    corrupt = bytearray(data)
+    at = corrupt.find(b"IDAT")
+    corrupt[at + 30:at + 60] = b"\xff" * 30  # inside IDAT: the zlib stream is broken
+    files["corrupt"] = bytes(corrupt)
+    header = bytearray(data)
+    header[16:24] = b"\xff" * 8  # IHDR's width and height: a PNG Pillow cannot identify
+    files["corrupt header"] = bytes(header)
+    out = {}
+    for kind, content in files.items():
+        out[kind] = bad / f"{kind.replace(' ', '_')}.png"
+        out[kind].write_bytes(content)
+    out["no such file"] = bad / "missing.png"
+    out["folder"] = bad
+    return out
+
+
+def test_every_bad_file_kind_is_a_data_error_naming_file(tmp, image):
+    big = tmp / "big.png"
+    Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8)).save(big)
+    reasons = {"empty": "empty", "not an image": "not an image", "truncated": "truncated",
+               "corrupt": "corrupt image (broken",
+               "corrupt header": "corrupt image (the header",
+               "no such file": "no such file", "folder": "folder"}
+    for kind, path in _bad_files(tmp, big).items():
+        with pytest.raises(DataError) as err:
+            load_image(path)
+        assert err.value.path == str(path)
+        assert reasons[kind] in err.value.message, (kind, err.value.message)
+
+
+# ---------------------------------------------------------------- sessions and metadata
+
+
+def test_session_reports_provider_and_reads_metadata(models):
+    m = load(models["dense"], device="auto", threads=1)
+    assert m.provider == "CPUExecutionProvider"
+    assert m.session.get_session_options().intra_op_num_threads == 1
+    info = m.info
+    assert (info.input_size, info.channels, info.fully_conv, info.classes) == ((8, 8), 3, True, CLASSES)
+    assert info.labels == ("cat", "dog", "eel", "fox") and info.preprocessing.mean == MEAN
+    assert info.outputs == ("probs", "scores") and info.batch is None
+
+
+def test_explicit_cuda_that_falls_back_is_an_error(models, monkeypatch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ModelError, match="CUDAExecutionProvider"):
+            create_session(models["dense"], device="cuda")
+        # Pretend the GPU build is installed: onnxruntime then falls back to the CPU silently.
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        with pytest.raises(ModelError, match="fell back"):
+            create_session(models["dense"], device="cuda")
+    with pytest.raises(ModelError, match="fell back to CPUExecutionProvider"):
+        check_provider("tensorrt", "CPUExecutionProvider")
+    check_provider("auto", "CPUExecutionProvider")
+
+
+def test_gpu_provider_that_throws_auto_falls_back_explicit_fails(models, monkeypatch):
+    import onnxruntime as ort
+
+    from vggspec.runtime import session as sess
+
+    real = sess._new_session
+
+    def flaky(path, providers, threads):
+        if providers[0] != "CPUExecutionProvider":
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+        return real(path, providers, threads)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sess, "_new_session", flaky)
+    assert create_session(models["dense"], device="auto")[1] == "CPUExecutionProvider"
+    with pytest.raises(ModelError, match="CUDAExecutionProvider failed to initialise .*libcudnn"):
+        create_session(models["dense"], device="cuda")
+
+
+def test_io_binding_path_matches_plain_run(models, image):
+    plain, bound = Model(models["dense"], device="cpu"), Model(models["dense"], device="cpu", io_binding=True)
+    assert not plain.io_binding and bound.io_binding and bound.ort_device == "cpu"
+    x = np.random.default_rng(0).normal(size=(3, 3, 9, 11)).astype(np.float32)
+    for a, b in zip(plain.run(x, ["probs", "scores"]), bound.run(x, ["probs", "scores"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fixed_batch_model_runs_in_padded_chunks(models, image):
+    m, free = Model(models["batch1"]), Model(models["standard"])
+    assert m.info.batch == 1
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(m.run(x)[0], free.run(x)[0], atol=1e-6)
+
+
+def test_not_onnx_and_not_image_models_are_model_errors(tmp):
+    junk = tmp / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf at all" * 10)
+    with pytest.raises(ModelError) as err:
+        load(junk)
+    assert err.value.path == str(junk) and "ONNX" in err.value.message
+    with pytest.raises(ModelError, match="no such file"):
+        load(tmp / "nope.onnx")
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "vec",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp / "vec.onnx"))
+    with pytest.raises(ModelError, match="not an image tensor"):
+        load(tmp / "vec.onnx")
+
+
+def test_metadata_less_model_needs_and_uses_explicit_values(models, image):
+    with pytest.raises(ModelError) as err:
+        load(models["bare"])
+    assert "--size" in err.value.hint
+    bare = load(models["bare"], size=(8, 8), mean=MEAN, std=STD)
+    assert not bare.info.has_metadata and bare.info.fully_conv
+    ref = Model(models["dense"])
+    proto = Protocol("dense", (13,), True)
+    a = Runner([Member.of(bare)], [proto]).run(image)[proto]
+    b = Runner([Member.of(ref)], [proto]).run(image)[proto]
+    np.testing.assert_allclose(a, b, atol=1e-6)  # the bare model ends in logits: soft-maxed by the runtime
+
+
+# ---------------------------------------------------------------- protocols against numpy
+
+
+def _ref_dense(model: Path, px: np.ndarray, flip: bool) -> np.ndarray:
+    outs = [ref_forward(model, px)] + ([ref_forward(model, px[:, ::-1])] if flip else [])
+    return np.mean(outs, axis=0)
+
+
+def _ref_crops(model: Path, px: np.ndarray, crop: int, flip: bool) -> np.ndarray:
+    outs = []
+    for y in ref_positions(px.shape[0], crop):
+        for x in ref_positions(px.shape[1], crop):
+            c = px[y:y + crop, x:x + crop]
+            outs.append(ref_forward(model, c))
+            if flip:
+                outs.append(ref_forward(model, c[:, ::-1]))
+    assert len(outs) == (50 if flip else 25)
+    return np.mean(outs, axis=0)
+
+
+def _scaled(image: Path, q: int) -> np.ndarray:
+    return to_array(rescale(load_image(image), q))
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_protocols_match_numpy_reference(models, image, flip):
+    dense, std = Model(models["dense"]), Model(models["standard"])
+    scales = (8, 13, 16)
+    protos = [Protocol(n, scales, flip) for n in ("dense", "multi-crop", "combined")]
+    got = Runner([Member.of(dense, std)], protos).run(image)
+    ref_d = np.mean([_ref_dense(models["dense"], _scaled(image, q), flip) for q in scales], axis=0)
+    ref_c = np.mean([_ref_crops(models["standard"], _scaled(image, q), 8, flip) for q in scales], axis=0)
+    np.testing.assert_allclose(got[protos[0]], ref_d, atol=2e-6)
+    np.testing.assert_allclose(got[protos[1]], ref_c, atol=2e-6)
+    np.testing.assert_allclose(got[protos[2]], (ref_d + ref_c) / 2, atol=2e-6)
+    assert np.ptp(ref_d) > 0.05  # the posteriors are not uniform, so the comparison means something
+
+
+def test_dense_equals_standard_at_crop_size(models, tmp):
+    px = np.random.default_rng(3).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(px).save(tmp / "crop.png")
+    d, s = Protocol("dense", (8,), False), Protocol("multi-crop", (8,), False)
+    a = Runner([Member.of(Model(models["dense"]))], [d]).run(tmp / "crop.png")[d]
+    b = Runner([Member.of(Model(models["standard"]))], [s]).run(tmp / "crop.png")[s]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_in_graph_flip_is_not_flipped_twice(models, image, tmp):
+    flip = conv_model(tmp / "flip_a.onnx", flip=True)
+    # The hand-built graph does not really flip, so its "flip" output is the unflipped posterior:
+    # if the runtime flipped too, the result would be the flipped average instead.
+    proto = Protocol("dense", (13,), True)
+    got = Runner([Member.of(Model(flip))], [proto]).run(image)[proto]
+    np.testing.assert_allclose(got, ref_forward(models["dense"], _scaled(image, 13)), atol=2e-6)
+
+
+def test_ensemble_averages_members(models, image):
+    proto = Protocol("dense", (8, 16), True)
+    one = Runner([Member.of(Model(models["dense"]))], [proto]).run(image)[proto]
+    two = Runner([Member.of(Model(models["dense2"]))], [proto]).run(image)[proto]
+    both = Runner([Member.of(Model(models["dense"])), Member.of(Model(models["dense2"]))], [proto]).run(image)[proto]
+    np.testing.assert_allclose(both, (one + two) / 2, atol=1e-9)
+
+
+def test_protocol_errors(models, tmp):
+    std = Member.of(Model(models["standard"]))
+    with pytest.raises(ModelError, match="fully convolutional"):
+        Runner([std], [Protocol("dense", (8,))])
+    with pytest.raises(ModelError, match="smaller than the model's input"):
+        Runner([Member.of(Model(models["dense"]))], [Protocol("dense", (4,))])
+    tiny = tmp / "tiny.png"
+    Image.new("RGB", (5, 12)).save(tiny)
+    proto = Protocol("dense", (None,))
+    with pytest.raises(DataError, match="too small: 12x5 pixels at its own size"):
+        Runner([Member.of(Model(models["dense"]))], [proto]).run(tiny)
+
+
+# ---------------------------------------------------------------- fusion
+
+
+def test_fuse_equals_average_of_separate_runs(models, image, tmp):
+    out = fuse([models["dense"], models["dense2"]], tmp / "ens.onnx")
+    onnx.checker.check_model(str(out))
+    ens = Model(out)
+    assert ens.info.outputs == ("probs", "scores") and ens.info.name == "conv0+conv1"
+    x = np.random.default_rng(4).normal(size=(2, 3, 11, 9)).astype(np.float32)
+    ref = (Model(models["dense"]).run(x)[0] + Model(models["dense2"]).run(x)[0]) / 2
+    np.testing.assert_allclose(ens.run(x)[0], ref, atol=1e-6)
+
+
+def test_fuse_refuses_mismatched_members(models, tmp):
+    other = conv_model(tmp / "other.onnx", hw=(9, 9), seed=3)
+    with pytest.raises(ModelError, match="input_size differs") as err:
+        fuse([models["dense"], other], tmp / "bad_ens.onnx")
+    assert err.value.path == str(other)
+    with pytest.raises(ModelError, match="fully_conv differs"):
+        fuse([models["dense"], models["standard"]], tmp / "bad_ens.onnx")
+    pre = conv_model(tmp / "pre.onnx", seed=4, extra_meta={"vggspec.preprocessing": json.dumps(
+        {"scale": 1, "mean": [1, 2, 3], "std": [1, 1, 1], "channel_order": "BGR", "layout": "NCHW"})})
+    with pytest.raises(ModelError, match="preprocessing differs"):
+        fuse([models["dense"], pre], tmp / "bad_ens.onnx")
+    assert not (tmp / "bad_ens.onnx").exists()
+
+
+# ---------------------------------------------------------------- import discipline
+
+
+def test_runtime_never_imports_torch_or_compiler_internals():
+    root = Path(__file__).resolve().parents[1] / "vggspec"
+    files = list((root / "runtime").glob("*.py")) + [root / "cli" / "runtime.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                assert "torch" not in name, (path, name)
+                assert not any(part in name for part in ("backends", "graph", "train")), (path, name)
+
+
+def test_overrides_empty():
+    assert Overrides().empty and not Overrides(size=(8, 8)).empty
+
+
+def test_list_dataset_class_order(tmp):
+    from vggspec.runtime import list_dataset
+
+    root = tmp / "ds"
+    for name in ("n02", "n01"):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"")
+    items, names = list_dataset(root, ("tench", "goldfish"))  # WordNet folders, word labels: folder order
+    assert names == ["n01", "n02"] and [i for _, i in items] == [0, 1]
+    items, names = list_dataset(root, ("x", "n02", "n01"))  # folders named after labels: label order
+    assert [i for _, i in items] == [2, 1]
+    with pytest.raises(DataError, match="'n02' is not among"):
+        list_dataset(root, ("n01", "other"))
+    with pytest.raises(DataError, match="no class folders"):
+        list_dataset(root / "n01")

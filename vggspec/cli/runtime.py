@@ -1,0 +1,348 @@
+"""`vggspec predict`, `vggspec eval`, `vggspec fuse`: onnxruntime inference, the paper's protocols, fusion.
+
+Nothing heavy is imported at import time (onnxruntime, Pillow, matplotlib load inside the commands),
+so `vggspec --help` stays fast; torch is never imported on this path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from .common import parse_hw
+
+if TYPE_CHECKING:
+    from ..runtime import Member, Model, Protocol, Report, Runner
+
+F = TypeVar("F", bound=Callable[..., Any])
+PROTOCOL_CHOICE = click.Choice(["dense", "multi-crop", "combined"])
+
+
+# ---------------------------------------------------------------- option parsing
+
+
+def parse_scales(text: str) -> tuple[int | None, ...]:
+    """`256,384,512` -> (256, 384, 512); `native` keeps the image's own size (dense models)."""
+    scales: list[int | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() == "native":
+            scales.append(None)
+            continue
+        try:
+            q = int(part)
+        except ValueError:
+            raise click.BadParameter(f"'{part}' is not a test scale; give pixels, e.g. 224,256,288") from None
+        if q < 1:
+            raise click.BadParameter(f"test scale {q} must be positive")
+        scales.append(q)
+    if not scales:
+        raise click.BadParameter("give at least one scale")
+    return tuple(scales)
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"--{what} '{text}' is not a comma-separated list of numbers") from None
+
+
+def read_labels(path: str | None) -> tuple[str, ...] | None:
+    """A label file: a JSON list, or one label per line (blank lines skipped)."""
+    from ..errors import DataError
+
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the label file ({exc})", path) from None
+    if text.lstrip().startswith("["):
+        try:
+            return tuple(str(v) for v in json.loads(text))
+        except ValueError as exc:
+            raise DataError(f"label file is not a valid JSON list ({exc})", path) from None
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not labels:
+        raise DataError("label file is empty", path)
+    return labels
+
+
+def _overrides(size: str | None, mean: str | None, std: str | None, scale: float | None,
+               labels: str | None) -> Any:
+    from ..runtime import Overrides
+
+    return Overrides(size=parse_hw(size), mean=_floats(mean, "mean"), std=_floats(std, "std"), scale=scale,
+                     labels=read_labels(labels))
+
+
+def model_options(f: F) -> F:
+    """Options shared by predict and eval: the models, the device, metadata for foreign models."""
+    options = [
+        click.option("--dense-model", metavar="M.onnx", type=click.Path(dir_okay=False),
+                     help="The fully convolutional form, when MODEL is the standard one (for combined)."),
+        click.option("--crop-model", metavar="M.onnx", type=click.Path(dir_okay=False),
+                     help="The standard form, when MODEL is the dense one (for combined; a dense model "
+                          "can do the crops itself)."),
+        click.option("--ensemble", "ensemble", multiple=True, metavar="M.onnx",
+                     help="Another model whose posteriors are averaged in (ConvNet fusion); repeat, "
+                          "or comma-separate."),
+        click.option("--flip/--no-flip", default=True, show_default=True,
+                     help="Average with the mirror image (dense), or add the crops' mirrors (multi-crop: 50 crops)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+                     show_default=True, help="auto: the first of TensorRT, CUDA, CPU that initialises; "
+                                             "cuda/tensorrt fail rather than fall back."),
+        click.option("--threads", type=click.IntRange(min=1), metavar="N", help="onnxruntime intra-op threads."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Crops per onnxruntime run (memory grows with it)."),
+        click.option("--labels", "labels", metavar="FILE", type=click.Path(dir_okay=False),
+                     help="Class names: one per line, or a JSON list (default: the model's)."),
+        click.option("--size", metavar="HxW", help="Input size, for a model without vggspec metadata."),
+        click.option("--mean", metavar="M1,M2,M3", help="Per-channel mean, for a model without vggspec metadata."),
+        click.option("--std", metavar="S1,S2,S3", help="Per-channel std, for a model without vggspec metadata."),
+        click.option("--scale", type=float, metavar="X", help="Pixel scale before mean/std (default 1/255)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+# ---------------------------------------------------------------- models and protocols
+
+
+def load_members(model: str, dense_model: str | None, crop_model: str | None, ensemble: Sequence[str],
+                 device: str, threads: int | None, overrides: Any) -> list[Member]:
+    """The first network (MODEL plus its other form) and one member per --ensemble model."""
+    from ..runtime import Member, Model
+
+    def load(path: str) -> Model:
+        return Model(path, device=device, threads=threads, overrides=overrides)
+
+    first = [load(model)] + [load(p) for p in (dense_model, crop_model) if p]
+    members = [Member.of(*first)]
+    for entry in ensemble:
+        members += [Member.of(load(p.strip())) for p in entry.split(",") if p.strip()]
+    return members
+
+
+def build_protocols(names: Sequence[str], scale_sets: Sequence[str], flip: bool,
+                    members: list[Member]) -> list[Protocol]:
+    """Every (protocol, scale set) pair asked for; defaults: dense for a dense model, Q = its input side."""
+    from ..runtime import Protocol, default_scales
+
+    lead = members[0]
+    names = list(names) or ["dense" if lead.dense is not None else "multi-crop"]
+    sets = [parse_scales(s) for s in scale_sets] or [default_scales(m for mem in members for m in mem.models)]
+    return [Protocol(name, scales, flip) for name in names for scales in sets]
+
+
+def _flip_note(protocol: Protocol, members: list[Member]) -> bool:
+    """The flip really applied: a graph exported with flip averages its mirror whatever --no-flip says."""
+    return protocol.flip or any(m.info.flip for mem in members for m in mem.models)
+
+
+def _error_line(path: str, message: str) -> None:
+    click.echo(f"{path}: error: {message}", err=True)
+
+
+# ---------------------------------------------------------------- predict
+
+
+@click.command()
+@click.argument("model", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("--protocol", type=PROTOCOL_CHOICE, default=None,
+              help="dense (fully conv model), multi-crop (5x5 grid + mirrors), combined (their average). "
+                   "Default: dense for a fully convolutional model, else multi-crop.")
+@click.option("--scales", metavar="Q1,Q2,...", default=None,
+              help="Test scales (smallest image side), e.g. 256,384,512; `native`: no rescaling (dense). "
+                   "Default: the model's input side.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@click.option("--heatmap", metavar="DIR", type=click.Path(file_okay=False),
+              help="Write the top class's score map over each image to DIR/<image>.png (needs a `scores` output).")
+@model_options
+def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: str | None, top: int, as_json: bool,
+            heatmap: str | None, dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...],
+            flip: bool, device: str, threads: int | None, batch_size: int, labels: str | None, size: str | None,
+            mean: str | None, std: str | None, scale: float | None) -> None:
+    """Classify images with MODEL.onnx on onnxruntime, with the paper's testing protocols (section 3.2).
+
+    A file that cannot be used gets one line on stderr naming it and why; the others are still
+    classified, and the exit status is 1 when any failed.
+    """
+    from ..errors import DataError
+    from ..runtime import Runner
+
+    members = load_members(model, dense_model, crop_model, ensemble, device, threads,
+                           _overrides(size, mean, std, scale, labels))
+    proto = build_protocols([protocol] if protocol else [], [scales] if scales else [], flip, members)[0]
+    runner = Runner(members, [proto], batch_size)
+    heat_model = _heatmap_model(members, heatmap)
+    failed = 0
+    used_names: set[str] = set()
+    for image in images:
+        try:
+            posterior = runner.run(image)[proto]
+            if heat_model is not None:
+                _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore[arg-type]
+        except DataError as exc:
+            failed += 1
+            _error_line(image, exc.message)
+            continue
+        _print_prediction(image, posterior, top, proto, runner, members, as_json)
+    if failed:
+        click.echo(f"{failed} of {len(images)} images failed", err=True)
+        sys.exit(1)
+
+
+def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, runner: Runner,
+                      members: list[Member], as_json: bool) -> None:
+    from ..runtime import top_k
+
+    info = runner.lead.info
+    best = top_k(posterior, top)
+    if as_json:
+        click.echo(json.dumps({
+            "image": image,
+            "top": [{"index": i, "label": info.label(i), "probability": round(p, 6)} for i, p in best],
+            "protocol": proto.name, "scales": list(proto.scales), "flip": _flip_note(proto, members),
+            "provider": runner.provider, "models": [m.path for mem in members for m in mem.models],
+        }))
+        return
+    flip = ", flip" if _flip_note(proto, members) else ""
+    click.echo(f"{image}  ({proto.name}, Q={proto.scales_text}{flip}, {runner.provider})")
+    for rank, (i, p) in enumerate(best, 1):
+        click.echo(f"  {rank}. {info.label(i):<24} {p:.4f}")
+
+
+def _heatmap_model(members: list[Member], heatmap: str | None) -> Model | None:
+    """The model drawing heatmaps: the first dense model with a `scores` output (checked before any work)."""
+    from ..errors import ModelError
+
+    if heatmap is None:
+        return None
+    Path(heatmap).mkdir(parents=True, exist_ok=True)
+    candidates = [m for mem in members for m in (mem.dense, mem.crop) if m is not None]
+    for m in candidates:
+        if "scores" in m.info.outputs and m.info.fully_conv:
+            return m
+    raise ModelError("--heatmap needs a fully convolutional model with a `scores` output", candidates[0].path,
+                     "export it with --fully-conv --scores")
+
+
+def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, folder: Path, used: set[str]) -> None:
+    from ..runtime import heatmap, top_k
+
+    index, prob = top_k(posterior, 1)[0]
+    name = Path(image).stem
+    stem, n = name, 1
+    while stem in used:  # two images with one name from different folders
+        n += 1
+        stem = f"{name}-{n}"
+    used.add(stem)
+    q = max((q for q in proto.scales if q is not None), default=None)
+    heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+
+
+# ---------------------------------------------------------------- eval
+
+
+@click.command(name="eval")
+@click.argument("model", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Labelled images: DIR/<class>/<image>; classes in sorted folder order unless the model has labels.")
+@click.option("--protocol", "protocols", type=PROTOCOL_CHOICE, multiple=True,
+              help="Repeat for several rows (Table 5). Default: dense for a fully convolutional model, "
+                   "else multi-crop.")
+@click.option("--scales", "scale_sets", metavar="Q1,Q2,...", multiple=True,
+              help="A set of test scales; repeat for several rows (Tables 3-4), "
+                   "e.g. --scales 256 --scales 256,384,512.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@model_options
+def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
+             dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...], flip: bool, device: str,
+             threads: int | None, batch_size: int, labels: str | None, size: str | None, mean: str | None,
+             std: str | None, scale: float | None) -> None:
+    """Top-1 and top-5 error of MODEL.onnx over a labelled image folder, one row per protocol and scale set."""
+    from ..errors import DataError
+    from ..runtime import Runner, list_dataset
+
+    members = load_members(model, dense_model, crop_model, ensemble, device, threads,
+                           _overrides(size, mean, std, scale, labels))
+    runner = Runner(members, build_protocols(protocols, scale_sets, flip, members), batch_size)
+    items, classes = list_dataset(data, runner.lead.info.labels)
+    if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
+        raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
+    report = _run_eval(runner, items)
+    if as_json:
+        out = report.to_dict() | {"models": [m.path for mem in members for m in mem.models], "data": data,
+                                  "classes": len(classes), "provider": runner.provider}
+        click.echo(json.dumps(out))
+    else:
+        _print_table(report, runner, members, data, len(classes), len(items))
+    if report.failed:
+        click.echo(f"{len(report.failed)} of {len(items)} images failed", err=True)
+        sys.exit(1)
+
+
+def _run_eval(runner: Runner, items: list) -> Report:
+    """evaluate() with one error line per bad file, and a rich progress bar only on a terminal."""
+    from ..runtime import evaluate as run
+
+    if not sys.stderr.isatty():
+        return run(runner, items, on_error=_error_line)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(items))
+        return run(runner, items, on_error=lambda p, m: console.print(f"{p}: error: {m}", markup=False),
+                   on_step=lambda: bar.advance(task))
+
+
+def _print_table(report: Report, runner: Runner, members: list[Member], data: str, classes: int, total: int) -> None:
+    """Rows shaped like the paper's Tables 3-5: config, evaluation method, test scales, top-1/top-5 error."""
+    config = "+".join(mem.models[0].info.name for mem in members)
+    header = ("ConvNet", "evaluation method", "test scale Q", "top-1 err (%)", "top-5 err (%)")
+    rows = [(config, p.name + (" + flip" if _flip_note(p, members) else ""), p.scales_text,
+             f"{s.top1:.1f}", f"{s.top5:.1f}") for p, s in report.scores.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    click.echo(f"{data}: {total} images, {classes} classes")
+    for row in [header, *rows]:
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        click.echo("  ".join(cells))
+    click.echo(f"{report.images} images in {report.seconds:.2f} s: {report.images_per_s:.1f} images/s "
+               f"on {runner.provider}")
+
+
+# ---------------------------------------------------------------- fuse
+
+
+@click.command()
+@click.argument("models", metavar="M1.onnx M2.onnx...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="ENS.onnx", help="The fused model to write (atomically).")
+def fuse(models: tuple[str, ...], output: str) -> None:
+    """ConvNet fusion (section 4.4): one ONNX graph running every model on the same input, posteriors averaged.
+
+    The models must share input size, preprocessing and form (standard or fully convolutional, flip).
+    """
+    from ..runtime.fuse import fuse as write_fused
+
+    path = write_fused(models, output)
+    click.echo(f"wrote {path} ({len(models)} members, {path.stat().st_size / 1e6:.1f} MB)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(predict)
+    main.add_command(evaluate)
+    main.add_command(fuse)

@@ -1,0 +1,105 @@
+"""Top-1 / top-5 error over a labelled image folder (DIR/<class>/*), under one or more protocols."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .protocols import Protocol, Runner
+
+
+def list_dataset(root: str | Path, labels: Sequence[str] = ()) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image paths with class indices, class names). Indices follow `labels` when the folders are named
+    after them, otherwise the sorted folder names (the ImageFolder convention training used; ImageNet's
+    folders are WordNet ids while its labels are words)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("not a folder (expected DIR/<class>/<images>)", str(root))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError("has no class folders (expected DIR/<class>/<images>)", str(root))
+    by_label = bool(labels) and any(f.name in labels for f in folders)
+    names = list(labels) if by_label else [f.name for f in folders]
+    index = {name: i for i, name in enumerate(names)}
+    items = []
+    for folder in folders:
+        if folder.name not in index:
+            raise DataError(f"class folder '{folder.name}' is not among the model's labels", str(folder),
+                            "name the folders after the labels, or pass --labels FILE")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        items += [(p, index[folder.name]) for p in files]
+    if not items:
+        raise DataError("the class folders hold no files", str(root))
+    return items, names
+
+
+@dataclass
+class Score:
+    """Running top-1 / top-5 errors of one protocol."""
+
+    n: int = 0
+    top1_wrong: int = 0
+    top5_wrong: int = 0
+
+    def add(self, posterior: np.ndarray, target: int) -> None:
+        order = np.argsort(-posterior, kind="stable")
+        self.n += 1
+        self.top1_wrong += int(order[0] != target)
+        self.top5_wrong += int(target not in order[:5])
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * self.top1_wrong / self.n if self.n else float("nan")
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * self.top5_wrong / self.n if self.n else float("nan")
+
+
+@dataclass
+class Report:
+    scores: dict[Protocol, Score]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [{"protocol": p.name, "scales": [q for q in p.scales], "flip": p.flip, "images": s.n,
+                      "top1_error": s.top1, "top5_error": s.top5} for p, s in self.scores.items()],
+            "failed": [{"image": path, "error": msg} for path, msg in self.failed],
+            "images": self.images, "seconds": self.seconds, "images_per_s": self.images_per_s,
+        }
+
+
+def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
+             on_error: Callable[[str, str], None] | None = None,
+             on_step: Callable[[], None] | None = None) -> Report:
+    """Run every image; a file that cannot be used is reported through `on_error` and skipped."""
+    report = Report({p: Score() for p in runner.protocols})
+    start = time.perf_counter()
+    for path, target in items:
+        try:
+            results = runner.run(path)
+        except DataError as exc:
+            report.failed.append((str(path), exc.message))
+            if on_error:
+                on_error(str(path), exc.message)
+        else:
+            for proto, posterior in results.items():
+                report.scores[proto].add(posterior, target)
+            report.images += 1
+        if on_step:
+            on_step()
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,178 @@
+"""ConvNet fusion (section 4.4) as one ONNX graph: every member runs on the same input, posteriors averaged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path
+from ..errors import ModelError
+
+# Members must agree on these, or one input cannot feed them all (or the averaged posteriors mean nothing).
+MUST_MATCH = ("input_size", "channels", "preprocessing", "fully_conv", "embedded_preprocessing", "flip", "classes")
+PROTOBUF_LIMIT = 2_000_000_000  # a single ModelProto cannot exceed 2 GB
+
+
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
+def _load(path: str | Path) -> Any:
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("no such file" if not path.exists() else "is a folder, not an ONNX model", str(path))
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"not a readable ONNX model ({type(exc).__name__}: {exc})", str(path)) from None
+
+
+def _meta(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _fact(meta: dict[str, str], key: str) -> Any:
+    value = meta.get(f"vggspec.{key}")
+    if key == "preprocessing" and value is not None:
+        return json.loads(value)
+    return value
+
+
+def check_compatible(paths: Sequence[str], models: Sequence[Any]) -> None:
+    """ModelError naming the first member that differs from the first one, and how."""
+    first = _meta(models[0])
+    if "vggspec.input_size" not in first:
+        raise ModelError("has no vggspec metadata; fusion needs it to check the members match", paths[0])
+    for path, model in zip(paths[1:], models[1:], strict=True):
+        meta = _meta(model)
+        for key in MUST_MATCH:
+            a, b = _fact(first, key), _fact(meta, key)
+            if a != b:
+                raise ModelError(
+                    f"cannot fuse with {paths[0]}: vggspec.{key} differs ({b} here, {a} there)", path,
+                    "members must share input size, preprocessing and form (fully_conv, flip); export them alike",
+                )
+        _check_io_and_opset(paths[0], models[0], path, model)
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _check_io_and_opset(path0: str, m0: Any, path: str, m: Any) -> None:
+    i0, i1 = m0.graph.input[0], m.graph.input[0]
+    if (i0.name, i0.type.tensor_type.elem_type) != (i1.name, i1.type.tensor_type.elem_type):
+        raise ModelError(f"cannot fuse with {path0}: input '{i1.name}' differs from '{i0.name}' in name or type", path)
+    if _opset(m0) != _opset(m):
+        raise ModelError(f"cannot fuse with {path0}: opset {_opset(m)} here, {_opset(m0)} there", path,
+                         "export every member with the same opset")
+
+
+def _output(model: Any, name: str) -> Any | None:
+    return next((o for o in model.graph.output if o.name == name), None)
+
+
+def _scores_shapes_agree(models: Sequence[Any]) -> bool:
+    """Score maps can be averaged only when every member's map has the same size; shape inference decides."""
+    onnx = _onnx()
+    meta = _meta(models[0])
+    h, w = json.loads(meta["vggspec.input_size"])
+    sizes = [(h, w), (2 * h + 7, 2 * w + 3)] if meta.get("vggspec.fully_conv") == "true" else [(h, w)]
+    for hw in sizes:
+        shapes = set()
+        for model in models:
+            shapes.add(_inferred_shape(onnx, model, hw, "scores"))
+        if len(shapes) != 1 or None in shapes:
+            return False
+    return True
+
+
+def _inferred_shape(onnx: Any, model: Any, hw: tuple[int, int], name: str) -> tuple[int, ...] | None:
+    """The inferred shape of output `name` at input size hw, on a weightless copy (cheap for big models)."""
+    from onnx import helper
+
+    graph = model.graph
+    inp = graph.input[0]
+    dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
+    nhwc = inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [1, hw[0], hw[1], dims[3]] if nhwc else [1, dims[1], hw[0], hw[1]]
+    inputs = [helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, dims)]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    out = [helper.make_value_info(name, onnx.TypeProto())]
+    g = helper.make_graph(list(graph.node), "probe", inputs, out)
+    probe = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
+    except Exception:
+        return None
+    for vi in inferred.graph.output:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            got = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            return got if got and all(got) else None
+    return None
+
+
+def build_fused(paths: Sequence[str | Path]) -> Any:
+    """The fused onnx.ModelProto: members prefixed m0_, m1_, ... share the first member's input."""
+    onnx = _onnx()
+    from onnx import compose, helper
+
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        raise ModelError("fusion needs at least two models")
+    total = sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
+    if total > PROTOBUF_LIMIT:
+        raise ModelError(f"the members total {total / 1e9:.1f} GB; one ONNX file is limited to 2 GB",
+                         hint="fuse fewer or smaller (fp16) members, or use --ensemble at run time instead")
+    models = [_load(p) for p in paths]
+    check_compatible(paths, models)
+    input_vi = models[0].graph.input[0]
+    with_scores = all(_output(m, "scores") is not None for m in models) and _scores_shapes_agree(models)
+    nodes, inits, infos = [], [], []
+    for i, model in enumerate(models):
+        prefixed = compose.add_prefix(model, f"m{i}_")
+        g = prefixed.graph
+        for node in g.node:  # the prefixed input becomes the shared one
+            node.input[:] = [input_vi.name if n == f"m{i}_{input_vi.name}" else n for n in node.input]
+        nodes += list(g.node)
+        inits += list(g.initializer)
+        infos += list(g.value_info)
+    outputs = ["probs"] + (["scores"] if with_scores else [])
+    for out in outputs:  # ONNX Mean: the element-wise average of its inputs
+        nodes.append(helper.make_node("Mean", [f"m{i}_{out}" for i in range(len(models))], [out], name=f"fuse_{out}"))
+    graph = helper.make_graph(nodes, "vggspec_ensemble", [input_vi], [_output(models[0], o) for o in outputs],
+                              inits, value_info=infos)
+    fused = helper.make_model(graph, opset_imports=list(models[0].opset_import),
+                              ir_version=max(m.ir_version for m in models), producer_name="vggspec.fuse")
+    helper.set_model_props(fused, _fused_meta(models, with_scores))
+    onnx.checker.check_model(fused)
+    return fused
+
+
+def _fused_meta(models: Sequence[Any], with_scores: bool) -> dict[str, str]:
+    metas = [_meta(m) for m in models]
+    meta = {k: v for k, v in metas[0].items() if k != "vggspec.spec"}  # no one spec describes an ensemble
+    names = [m.get("vggspec.name", f"m{i}") for i, m in enumerate(metas)]
+    meta["vggspec.name"] = "+".join(names)
+    meta["vggspec.members"] = json.dumps(names)
+    meta["vggspec.scores"] = "true" if with_scores else "false"
+    precisions = {m.get("vggspec.precision", "fp32") for m in metas}
+    meta["vggspec.precision"] = precisions.pop() if len(precisions) == 1 else "mixed"
+    labels = [m.get("vggspec.labels") for m in metas]
+    if any(lbl != labels[0] for lbl in labels):
+        meta.pop("vggspec.labels", None)  # members that disagree on names: keep only indices
+    return meta
+
+
+def fuse(models: Sequence[str | Path], output: str | Path) -> Path:
+    """Write one ONNX graph averaging the posteriors of `models` (atomically); return its path."""
+    onnx = _onnx()
+    fused = build_fused(models)
+    with atomic_path(output, suffix=".onnx") as tmp:
+        onnx.save(fused, str(tmp))
+    return Path(output)

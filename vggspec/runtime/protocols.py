@@ -1,0 +1,204 @@
+"""The paper's testing protocols (section 3.2) and ConvNet fusion (section 4.4) on onnxruntime.
+
+An image is evaluated in *parts*: one posterior per (member, kind, Q), kind being `dense` (the whole
+rescaled image through a fully convolutional model) or `crop` (the 5 x 5 crop grid and its mirror).
+A protocol averages parts: dense and multi-crop over their scales, combined the two of them, and an
+ensemble over its members. Several protocols asked at once (eval's Tables 3-5) share the parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+from .preprocess import check_size, grid_crops, load_image, mirror, rescale, to_array, to_input
+from .session import Model
+
+PROTOCOLS = ("dense", "multi-crop", "combined")
+GRID = 5  # 5 x 5 crops per scale, as in the paper
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A testing protocol: dense, multi-crop or combined, over test scales Q (None: the image's own size)."""
+
+    name: str
+    scales: tuple[int | None, ...]
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ModelError(f"unknown protocol '{self.name}'", hint=f"use one of {', '.join(PROTOCOLS)}")
+        if not self.scales:
+            raise ModelError("a protocol needs at least one test scale")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return {"dense": ("dense",), "multi-crop": ("crop",), "combined": ("dense", "crop")}[self.name]
+
+    def parts(self) -> list[tuple[str, int | None]]:
+        return [(kind, q) for kind in self.kinds for q in self.scales]
+
+    @property
+    def scales_text(self) -> str:
+        return ",".join("native" if q is None else str(q) for q in self.scales)
+
+
+@dataclass
+class Member:
+    """One network of an ensemble: its dense (fully convolutional) form and/or its standard form."""
+
+    dense: Model | None = None
+    crop: Model | None = None
+
+    @classmethod
+    def of(cls, *models: Model) -> Member:
+        """Assign roles by the models' fully_conv flag; a fully conv model also serves for crops."""
+        dense = [m for m in models if m.info.fully_conv]
+        standard = [m for m in models if not m.info.fully_conv]
+        if len(models) == 2 and len(dense) == 2:
+            return cls(dense[0], dense[1])
+        if len(dense) > 1 or len(standard) > 1:
+            names = ", ".join(m.path for m in models)
+            raise ModelError(f"give one dense and one standard model for a network, not {names}")
+        return cls(dense[0] if dense else None, standard[0] if standard else None)
+
+    def model(self, kind: str) -> Model:
+        """The model for a kind of part; ModelError when this member has no suitable form."""
+        if kind == "dense":
+            if self.dense is None:
+                path = self.crop.path if self.crop else None
+                raise ModelError(
+                    "dense evaluation needs a fully convolutional model; this one is a standard model", path,
+                    "export it with fully_conv=True (vggspec export --fully-conv), or use --protocol multi-crop",
+                )
+            return self.dense
+        model = self.crop or self.dense
+        assert model is not None
+        return model
+
+    @property
+    def models(self) -> list[Model]:
+        return [m for m in (self.dense, self.crop) if m is not None]
+
+
+@dataclass
+class _Pixels:
+    """One image decoded once per channel count and rescaled once per Q, shared by every part."""
+
+    path: str
+    decoded: dict[int, Any] = field(default_factory=dict)
+    scaled: dict[tuple[int, int | None], np.ndarray] = field(default_factory=dict)
+
+    def at(self, channels: int, q: int | None) -> np.ndarray:
+        if (channels, q) not in self.scaled:
+            if channels not in self.decoded:
+                self.decoded[channels] = load_image(self.path, channels)
+            self.scaled[(channels, q)] = to_array(rescale(self.decoded[channels], q))
+        return self.scaled[(channels, q)]
+
+
+def dense_posterior(model: Model, pixels: np.ndarray, flip: bool, path: str | None = None,
+                    q: int | None = None) -> np.ndarray:
+    """One pass of the whole image (and its mirror when `flip` and the graph does not flip itself)."""
+    check_size(pixels, model.info.input_size, path, q)
+    batch = pixels[None]
+    if flip and not model.info.flip:
+        batch = np.concatenate([batch, mirror(batch)])
+    probs = model.run(to_input(batch, model.info))[0]
+    return probs.astype(np.float64).mean(axis=0)
+
+
+def crop_posterior(model: Model, pixels: np.ndarray, flip: bool, batch_size: int = 10,
+                   path: str | None = None, q: int | None = None) -> np.ndarray:
+    """The 5 x 5 crop grid (with mirrors: 50 crops), run in batches, posteriors averaged."""
+    check_size(pixels, model.info.input_size, path, q)
+    # A graph that flips itself already averages each crop with its mirror.
+    crops = grid_crops(pixels, model.info.input_size, GRID, flip=flip and not model.info.flip)
+    total = np.zeros(0)
+    for start in range(0, len(crops), batch_size):
+        probs = model.run(to_input(crops[start:start + batch_size], model.info))[0].astype(np.float64)
+        total = probs.sum(axis=0) if total.size == 0 else total + probs.sum(axis=0)
+    return total / len(crops)
+
+
+class Runner:
+    """Evaluates images under one or more protocols with one or more ensemble members."""
+
+    def __init__(self, members: Sequence[Member], protocols: Sequence[Protocol], batch_size: int = 10) -> None:
+        if not members:
+            raise ModelError("no model given")
+        self.members = list(members)
+        self.protocols = list(protocols)
+        self.batch_size = batch_size
+        self.parts = sorted({p for proto in self.protocols for p in proto.parts()}, key=str)
+        self._validate()
+
+    def _validate(self) -> None:
+        classes = {m.info.classes for member in self.members for m in member.models if m.info.classes}
+        if len(classes) > 1:
+            raise ModelError(f"the models disagree on the number of classes ({sorted(classes)})")
+        for member in self.members:
+            for kind, q in self.parts:
+                model = member.model(kind)
+                if q is not None and q < min(model.info.input_size):
+                    h, w = model.info.input_size
+                    raise ModelError(f"test scale Q={q} is smaller than the model's input {h}x{w}", model.path,
+                                     f"use --scales of at least {min(h, w)}")
+
+    @property
+    def lead(self) -> Model:
+        return self.members[0].models[0]
+
+    @property
+    def provider(self) -> str:
+        providers = {m.provider for member in self.members for m in member.models}
+        return ",".join(sorted(providers))
+
+    def image_parts(self, path: str | Path, flip: bool) -> dict[tuple[int, str, int | None], np.ndarray]:
+        """Every (member, kind, Q) posterior the protocols need, for one image file."""
+        pixels = _Pixels(str(path))
+        out = {}
+        for i, member in enumerate(self.members):
+            for kind, q in self.parts:
+                model = member.model(kind)
+                px = pixels.at(model.info.channels, q)
+                if kind == "dense":
+                    out[(i, kind, q)] = dense_posterior(model, px, flip, str(path), q)
+                else:
+                    out[(i, kind, q)] = crop_posterior(model, px, flip, self.batch_size, str(path), q)
+        return out
+
+    def combine(self, parts: dict[tuple[int, str, int | None], np.ndarray], protocol: Protocol) -> np.ndarray:
+        """Average over scales per kind, over kinds (combined), then over ensemble members."""
+        per_member = []
+        for i in range(len(self.members)):
+            per_kind = [np.mean([parts[(i, kind, q)] for q in protocol.scales], axis=0) for kind in protocol.kinds]
+            per_member.append(np.mean(per_kind, axis=0))
+        return np.mean(per_member, axis=0)
+
+    def run(self, path: str | Path) -> dict[Protocol, np.ndarray]:
+        """Posteriors of one image under every protocol (DataError when the file cannot be used)."""
+        flips = {p.flip for p in self.protocols}
+        results: dict[Protocol, np.ndarray] = {}
+        for flip in flips:  # protocols normally share one flip setting, hence one set of parts
+            parts = self.image_parts(path, flip)
+            for proto in (p for p in self.protocols if p.flip == flip):
+                results[proto] = self.combine(parts, proto)
+        return results
+
+
+def top_k(posterior: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most probable classes, highest first (stable for ties)."""
+    order = np.argsort(-posterior, kind="stable")[:k]
+    return [(int(i), float(posterior[i])) for i in order]
+
+
+def default_scales(models: Iterable[Model]) -> tuple[int, ...]:
+    """Without --scales: Q = the smallest side of the largest input size among the models."""
+    return (max(min(m.info.input_size) for m in models),)

@@ -1,0 +1,382 @@
+"""onnxruntime sessions: provider choice, the vggspec metadata contract, running batches.
+
+Imports only onnxruntime and numpy (onnxruntime lazily, so that importing this module is cheap).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+# auto tries these in order; onnxruntime drops the ones that fail to initialise.
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+GPU_PROVIDERS = frozenset({PROVIDERS["tensorrt"], PROVIDERS["cuda"]})
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How decoded pixels (0..255) become the input: (pixel * scale - mean) / std, in `channel_order`."""
+
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocess:
+        d = json.loads(text)
+        return cls(
+            float(d.get("scale", 1 / 255)), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
+            str(d.get("channel_order", "RGB")).upper(), str(d.get("layout", "NCHW")).upper(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                "channel_order": self.channel_order, "layout": self.layout}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a model: the vggspec metadata plus the graph's real IO."""
+
+    path: str
+    name: str
+    classes: int
+    input_size: tuple[int, int]  # H, W: the crop size, and the minimum size of a dense model
+    channels: int
+    preprocessing: Preprocess
+    labels: tuple[str, ...] = ()
+    fully_conv: bool = False
+    flip: bool = False  # the graph averages the image and its mirror itself
+    embedded_preprocessing: bool = False  # input is uint8 NHWC pixels
+    scores: bool = False
+    precision: str = "fp32"
+    has_metadata: bool = True
+    input_name: str = "input"
+    input_dtype: Any = np.float32
+    batch: int | None = None  # a fixed batch dimension, or None when dynamic
+    outputs: tuple[str, ...] = ("probs",)
+    probs_are_logits: bool = False  # metadata-less models may end in raw scores
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def probs_output(self) -> str:
+        return "probs" if "probs" in self.outputs else self.outputs[0]
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if index < len(self.labels) else str(index)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values given on the command line for models without vggspec metadata (or to override it)."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+    labels: tuple[str, ...] | None = None
+    fully_conv: bool | None = None
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.size, self.mean, self.std, self.scale, self.labels, self.fully_conv))
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def provider_list(device: str) -> list[str]:
+    """The providers to ask onnxruntime for, most wanted first, CPU always last as the fallback."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device '{device}'", hint=f"use one of {', '.join(DEVICES)}")
+    available = set(_ort().get_available_providers())
+    if device == "auto":
+        return [PROVIDERS[d] for d in AUTO_ORDER if PROVIDERS[d] in available or d == "cpu"]
+    if device == "cpu":
+        return [PROVIDERS["cpu"]]
+    wanted = PROVIDERS[device]
+    if wanted not in available:
+        raise ModelError(
+            f"--device {device}: this onnxruntime has no {wanted} (it has {', '.join(sorted(available))})",
+            hint="install onnxruntime-gpu (vggspec[gpu]) in place of onnxruntime, or use --device auto/cpu",
+        )
+    # TensorRT hands the nodes it cannot run to CUDA, then to the CPU.
+    chain = [wanted, PROVIDERS["cuda"]] if device == "tensorrt" else [wanted]
+    return [p for p in chain if p in available] + [PROVIDERS["cpu"]]
+
+
+def session_options(threads: int | None = None) -> Any:
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # provider fallbacks are reported by us, not as onnxruntime warnings
+    return opts
+
+
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+    """An InferenceSession and the provider that really took the graph.
+
+    onnxruntime falls back to the CPU silently when a GPU provider cannot initialise (missing CUDA
+    libraries), so the provider is read back from the session rather than assumed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError("no such file", str(path))
+    if path.is_dir():
+        raise ModelError("is a folder, not an ONNX model", str(path))
+    providers = provider_list(device)
+    try:
+        session = _new_session(path, providers, threads)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        if providers == [PROVIDERS["cpu"]]:
+            raise ModelError(f"not a readable ONNX model ({_first_line(exc)})", str(path)) from None
+        # A GPU provider that throws while initialising: auto moves on to the CPU, as promised.
+        try:
+            session = _new_session(path, [PROVIDERS["cpu"]], threads)
+        except Exception as cpu_exc:
+            raise ModelError(f"not a readable ONNX model ({_first_line(cpu_exc)})", str(path)) from None
+        if device != "auto":
+            raise ModelError(f"--device {device}: {providers[0]} failed to initialise ({_first_line(exc)})",
+                             str(path), "use --device auto to fall back to the CPU") from None
+    used = session.get_providers()
+    provider = used[0] if used else PROVIDERS["cpu"]
+    check_provider(device, provider, str(path))
+    return session, provider
+
+
+def _new_session(path: Path, providers: list[str], threads: int | None) -> Any:
+    with warnings.catch_warnings():  # "provider not available" warnings: the caller checks the fallback
+        warnings.simplefilter("ignore")
+        return _ort().InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_provider(device: str, provider: str, path: str | None = None) -> None:
+    """An explicit GPU device that fell back to the CPU is an error, not a silent slowdown."""
+    if device in ("cuda", "tensorrt") and provider != PROVIDERS[device]:
+        raise ModelError(
+            f"--device {device} was asked for, but onnxruntime could not initialise {PROVIDERS[device]} "
+            f"and fell back to {provider}",
+            path,
+            "check that the CUDA/cuDNN (and TensorRT) libraries match onnxruntime-gpu, or use --device auto",
+        )
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _flag(meta: dict[str, str], key: str) -> bool:
+    return meta.get(f"vggspec.{key}", "false").strip().lower() == "true"
+
+
+def _json(meta: dict[str, str], key: str, path: str) -> Any:
+    try:
+        return json.loads(meta[f"vggspec.{key}"])
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"metadata vggspec.{key} is not valid JSON ({exc})", path) from None
+
+
+def _input_layout(session: Any, path: str) -> tuple[Any, str, Any, list[Any]]:
+    """The image input: (NodeArg, name, numpy dtype, shape); ModelError when it is not an image tensor."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise ModelError(f"the model has {len(inputs)} inputs ({names}); an image model has exactly one", path)
+    arg = inputs[0]
+    shape = list(arg.shape or [])
+    dtype = _DTYPES.get(arg.type)
+    if dtype is None or len(shape) != 4:
+        raise ModelError(
+            f"input '{arg.name}' is {arg.type} of shape {shape}, not an image tensor",
+            path, "an image model takes float32 (N, C, H, W), or uint8 (N, H, W, C) with embedded preprocessing",
+        )
+    return arg, arg.name, dtype, shape
+
+
+def _static(dim: Any) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def read_info(session: Any, path: str | Path, overrides: Overrides | None = None) -> ModelInfo:
+    """The model's ModelInfo from its vggspec metadata (or from `overrides` when it has none)."""
+    path = str(path)
+    overrides = overrides or Overrides()
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    _, name, dtype, shape = _input_layout(session, path)
+    outputs = tuple(o.name for o in session.get_outputs())
+    has_meta = "vggspec.input_size" in meta and "vggspec.preprocessing" in meta
+    base = _from_metadata(meta, path) if has_meta else _from_shape(shape, dtype, path, overrides)
+    info = replace(base, input_name=name, input_dtype=dtype, batch=_static(shape[0]), outputs=outputs, metadata=meta)
+    info = _apply_overrides(info, overrides)
+    _check_io(info, shape, session)
+    return info
+
+
+def _from_metadata(meta: dict[str, str], path: str) -> ModelInfo:
+    size = _json(meta, "input_size", path)
+    labels = _json(meta, "labels", path) if "vggspec.labels" in meta else []
+    return ModelInfo(
+        path=path, name=meta.get("vggspec.name", Path(path).stem), classes=int(meta.get("vggspec.classes", 0) or 0),
+        input_size=(int(size[0]), int(size[1])), channels=int(meta.get("vggspec.channels", "3")),
+        preprocessing=Preprocess.from_json(meta["vggspec.preprocessing"]), labels=tuple(map(str, labels)),
+        fully_conv=_flag(meta, "fully_conv"), flip=_flag(meta, "flip"),
+        embedded_preprocessing=_flag(meta, "embedded_preprocessing"), scores=_flag(meta, "scores"),
+        precision=meta.get("vggspec.precision", "fp32"), has_metadata=True,
+    )
+
+
+def _from_shape(shape: list[Any], dtype: Any, path: str, ov: Overrides) -> ModelInfo:
+    """A model exported elsewhere: the shape gives what it can, the command line the rest."""
+    nhwc = dtype == np.uint8
+    c, h, w = (shape[3], shape[1], shape[2]) if nhwc else (shape[1], shape[2], shape[3])
+    size = ov.size or ((_static(h), _static(w)) if _static(h) and _static(w) else None)
+    # A uint8 input normalises inside the graph: only the size is needed then.
+    if size is None or (not nhwc and (ov.mean is None or ov.std is None)):
+        raise ModelError(
+            "the model carries no vggspec metadata, so its input size and normalisation are unknown", path,
+            "give --size HxW, --mean and --std (and --scale when the mean is not in 0..1 units)",
+        )
+    channels = _static(c) or len(ov.mean or (0, 0, 0))
+    mean, std = ov.mean or (0.0,), ov.std or (1.0,)
+    return ModelInfo(
+        path=path, name=Path(path).stem, classes=0, input_size=size, channels=channels,
+        preprocessing=Preprocess(ov.scale if ov.scale is not None else 1 / 255, mean, std),
+        fully_conv=not (_static(h) and _static(w)), embedded_preprocessing=nhwc, has_metadata=False,
+        probs_are_logits=True,
+    )
+
+
+def _apply_overrides(info: ModelInfo, ov: Overrides) -> ModelInfo:
+    if ov.empty:
+        return info
+    prep = info.preprocessing
+    prep = replace(prep, mean=ov.mean or prep.mean, std=ov.std or prep.std,
+                   scale=ov.scale if ov.scale is not None else prep.scale)
+    return replace(
+        info, preprocessing=prep, input_size=ov.size or info.input_size,
+        labels=ov.labels if ov.labels is not None else info.labels,
+        fully_conv=info.fully_conv if ov.fully_conv is None else ov.fully_conv,
+    )
+
+
+def _check_io(info: ModelInfo, shape: list[Any], session: Any) -> None:
+    if info.input_dtype == np.uint8 and not info.embedded_preprocessing:
+        raise ModelError(f"input '{info.input_name}' is uint8 but the metadata does not say "
+                         "vggspec.embedded_preprocessing=true", info.path)
+    channel_dim = shape[3] if info.embedded_preprocessing or info.preprocessing.layout == "NHWC" else shape[1]
+    if _static(channel_dim) and channel_dim != info.channels:
+        raise ModelError(f"input '{info.input_name}' has {channel_dim} channels, the metadata says {info.channels}",
+                         info.path)
+    if info.channels not in (1, 3):
+        raise ModelError(f"input has {info.channels} channels; images have 1 or 3", info.path)
+    for stat in (info.preprocessing.mean, info.preprocessing.std):
+        if len(stat) not in (1, info.channels):
+            raise ModelError(f"mean/std have {len(stat)} values for {info.channels} channels", info.path)
+    out = {o.name: o for o in session.get_outputs()}[info.probs_output]
+    if out.shape is not None and len(out.shape) != 2:
+        raise ModelError(f"output '{out.name}' has shape {out.shape}; expected (N, classes) posteriors", info.path)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Model:
+    """An onnxruntime session with its ModelInfo; runs prepared batches, binding IO on GPUs."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
+                 overrides: Overrides | None = None, io_binding: bool | None = None) -> None:
+        self.path = str(path)
+        self.device = device
+        self.session, self.provider = create_session(path, device, threads)
+        self.info = read_info(self.session, path, overrides)
+        # On a GPU, bind IO to the device so runs are not dominated by host copies; on the CPU it buys nothing.
+        self.io_binding = self.on_gpu if io_binding is None else io_binding
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider in GPU_PROVIDERS
+
+    @property
+    def ort_device(self) -> str:
+        """The device name onnxruntime's OrtValue and IOBinding use for this session."""
+        return "cuda" if self.on_gpu else "cpu"
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run a prepared input batch in chunks the model accepts; one array per requested output."""
+        names = list(outputs or [self.info.probs_output])
+        step = self.info.batch or len(batch)
+        chunks = [self._run_fixed(batch[i:i + step], names) for i in range(0, len(batch), step)]
+        results = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
+        if self.info.probs_are_logits and names[0] == self.info.probs_output:
+            results[0] = _as_posteriors(results[0])
+        return results
+
+    def _run_fixed(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        n = len(chunk)
+        out = self._run_chunk(_pad(chunk, self.info.batch), names)
+        return [o[:n] for o in out]
+
+    def _run_chunk(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=self.info.input_dtype)
+        try:
+            if self.io_binding:
+                return self._run_bound(x, names)
+            return self.session.run(names, {self.info.input_name: x})
+        except Exception as exc:  # onnxruntime's own exception types
+            msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"onnxruntime failed on an input of shape {list(x.shape)}: {msg}", self.path) from None
+
+    def _run_bound(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """Inputs copied to the device once, outputs allocated there: no hidden copies inside run()."""
+        ort = _ort()
+        binding = self.session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(x, self.ort_device, 0)
+        binding.bind_ortvalue_input(self.info.input_name, value)
+        for name in names:
+            binding.bind_output(name, self.ort_device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+def _pad(chunk: np.ndarray, batch: int | None) -> np.ndarray:
+    """A model with a fixed batch dimension gets full batches: repeat the last item."""
+    if batch is None or len(chunk) == batch:
+        return chunk
+    filler = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
+    return np.concatenate([chunk, filler])
+
+
+def _as_posteriors(out: np.ndarray) -> np.ndarray:
+    """Soft-max rows that are not already probability vectors (a foreign model ending in logits)."""
+    out = out.astype(np.float64)
+    if out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        return out
+    e = np.exp(out - out.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
