@@ -1,0 +1,1 @@
+"""Backends: the layer graph as PyTorch source (torch.py) and as an ONNX graph (onnx.py)."""

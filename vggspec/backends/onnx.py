@@ -1,0 +1,423 @@
+"""The ONNX backend: LayerGraph + numpy weights -> onnx.ModelProto, built with onnx.helper (no torch).
+
+Graph layout (tensor and node names follow the layer graph, so Netron shows the paper's layers):
+
+    input  [or image -> Cast, Mul, Sub, Div, Transpose (embedded preprocessing)]
+      [flip: Concat(x, Slice(x, W axis, step -1)) on the batch axis: one pass over both]
+      [fp16: Cast to float16]
+      conv1_1 (bn1_1) relu1_1 ... pool5 flatten fc6 relu6 fc7 relu7 fc8   (dropout omitted)
+      [fp16: Cast back to float32: the mean and the soft-max always run in float32]
+      [dense: mean = GlobalAveragePool + Flatten over the score map]
+      prob (Softmax) [flip: Split the batch in two, average the posteriors] -> probs
+      [scores: the class score map (N, classes, h, w); 1 x 1 for the standard graph]
+
+Choices:
+- Opset 17 and IR version 8 by default. onnxruntime has run IR 8 / opset 17 since 1.14
+  (early 2023), as do TensorRT 8.6, OpenVINO 2023 and the ONNX runtimes shipped on most edge boxes;
+  a newer opset buys this graph nothing (opset 18 only moves ReduceMean's and Split's
+  arguments around). `opset` may be 13 (per-channel QDQ needs it) up to what onnx knows; the IR
+  version is the smallest one that opset requires, never below 8.
+- Batch norm is emitted as BatchNormalization with the checkpoint's names (bn1_1.weight,
+  bn1_1.running_mean, ...) so the file maps one to one onto the state_dict; onnxruntime folds it into
+  the convolution when it loads the model. For int8 it is folded here, before quantization,
+  so that per-channel scales are computed on the kernels actually used.
+- fp16 is our own cast insertion (no onnxconverter-common): float16 initializers and body,
+  float32 input, score mean, soft-max and outputs, since averaging a large score map and a
+  soft-max over 1000 classes are where half precision loses the most.
+- Models whose weights pass 2 GB (protobuf's limit) are saved with external data, OUT.data beside
+  OUT; the returned ModelProto then refers to that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..atomic import check_output_path
+from ..errors import ModelError, VggspecError
+from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
+from ..graph import fully_conv as dense_form
+from ..weights import check_tensors, init_weights, to_dense
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # Softmax over one axis, Unsqueeze/Split with tensor inputs, per-channel QDQ
+MIN_IR_VERSION = 8
+PRECISIONS = ("fp32", "fp16", "int8")
+EXTERNAL_DATA_BYTES = 2_000_000_000 - 64 * 2**20  # protobuf's 2 GiB, less room for the graph itself
+INT64_MIN = np.iinfo(np.int64).min
+
+
+@dataclass
+class _Builder:
+    """Collects nodes and initializers; `body` is the element type of the network's weights."""
+
+    body: int = TensorProto.FLOAT
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: list[onnx.TensorProto] = field(default_factory=list)
+    opset: int = DEFAULT_OPSET
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        dtype = np.float16 if self.body == TensorProto.FLOAT16 else np.float32
+        return self.init(name, np.asarray(array, dtype))
+
+    def node(self, op: str, inputs: Sequence[str], name: str, output: str | None = None, **attrs: object) -> str:
+        out = output or name
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=name, **attrs))
+        return out
+
+
+def export_onnx(
+    graph: LayerGraph,
+    output: str | Path | None = None,
+    *,
+    weights: dict[str, np.ndarray] | None = None,
+    fully_conv: bool = False,
+    flip: bool = False,
+    scores: bool = False,
+    precision: str = "fp32",
+    calibration: str | Path | None = None,
+    embed_preprocessing: bool = False,
+    opset: int = DEFAULT_OPSET,
+    labels: Sequence[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """Build the ONNX model of `graph`, check it (full_check) and, when `output` is given, write it atomically.
+
+    `weights` are state_dict-keyed numpy arrays of the standard graph (default: the spec's
+    initialisation, seeded); `labels` and `preprocessing` default to the graph's and go into the
+    metadata. Raises VggspecError (or WeightsError) before writing anything on bad input.
+    """
+    _check_options(precision, calibration, opset, output)
+    labels = tuple(graph.meta.labels if labels is None else labels)
+    if labels and len(labels) != graph.meta.classes:
+        raise VggspecError(f"{len(labels)} labels for {graph.meta.classes} classes", hint="give one label per class")
+    if weights is None:
+        weights = init_weights(graph, seed=seed)
+    else:
+        check_tensors(graph, weights)
+    if fully_conv and not graph.meta.fully_conv:
+        dense = dense_form(graph)
+        graph, weights = dense, to_dense(dense, weights)
+    opts = _Options(graph.meta.fully_conv, flip, scores, embed_preprocessing, precision, opset,
+                    preprocessing or graph.meta.preprocessing)
+    if precision == "int8":
+        model = _quantized(graph, weights, opts, labels, calibration)
+    else:
+        model = build_model(graph, weights, opts, labels)
+    if output is not None:
+        save_model(model, output)
+    else:
+        check_model(model)
+    return model
+
+
+def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
+               calibration: str | Path | None) -> onnx.ModelProto:
+    from .onnx_quant import quantize
+
+    model = build_model(graph, fold_batch_norm(graph, weights), opts, labels)
+    hw = graph.meta.input_shape[1:]  # calibrate at the spec's size, also for a dense model
+    model = quantize(model, calibration, hw, opts.preprocessing, opts.embed)
+    _set_metadata(model, graph, opts, labels)  # quantize_static rewrites the model's header
+    return model
+
+
+@dataclass(frozen=True)
+class _Options:
+    dense: bool
+    flip: bool
+    scores: bool
+    embed: bool
+    precision: str
+    opset: int
+    preprocessing: Preprocessing
+
+
+def _check_options(precision: str, calibration: str | Path | None, opset: int, output: str | Path | None) -> None:
+    if precision not in PRECISIONS:
+        raise VggspecError(f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and calibration is None:
+        raise VggspecError("int8 needs calibration images", hint="give --calibration DIR, a folder of images")
+    if precision != "int8" and calibration is not None:
+        raise VggspecError("calibration images are only used by int8",
+                           hint="add --precision int8, or drop --calibration")
+    if precision == "int8":
+        from .onnx_quant import calibration_images
+
+        calibration_images(calibration)  # fails early, before the graph is built
+    top = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        hint = f"use an opset from {MIN_OPSET} to {top} (default {DEFAULT_OPSET})"
+        raise VggspecError(f"opset {opset} is not supported", hint=hint)
+    if output is not None:
+        check_output_path(output)
+
+
+def fold_batch_norm(graph: LayerGraph, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights with every conv + bn pair folded into the conv; the bn tensors are dropped, so the bn emits nothing."""
+    out = dict(weights)
+    layers = graph.layers
+    for conv, bn in zip(layers, layers[1:], strict=False):
+        if conv.op != "conv" or bn.op != "bn":
+            continue
+        gamma, beta, mean, var = (np.asarray(weights[f"{bn.name}.{k}"], np.float64)
+                                  for k in ("weight", "bias", "running_mean", "running_var"))
+        factor = gamma / np.sqrt(var + bn.attrs["eps"])
+        w = np.asarray(weights[f"{conv.name}.weight"], np.float64)
+        b = np.asarray(weights[f"{conv.name}.bias"], np.float64)
+        out[f"{conv.name}.weight"] = (w * factor[:, None, None, None]).astype(np.float32)
+        out[f"{conv.name}.bias"] = ((b - mean) * factor + beta).astype(np.float32)
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            out.pop(f"{bn.name}.{key}", None)
+    return out
+
+
+def build_model(
+    graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str]
+) -> onnx.ModelProto:
+    """The unchecked ModelProto of a (standard or dense) graph with matching weights."""
+    b = _Builder(TensorProto.FLOAT16 if opts.precision == "fp16" else TensorProto.FLOAT, opset=opts.opset)
+    graph_input, x = _input_stage(b, graph, opts)
+    if opts.flip:
+        x = b.node("Concat", [x, _reverse(b, x, 3, "flip")], "flip_batch", axis=0)
+    if opts.precision == "fp16":
+        x = b.node("Cast", [x], "to_fp16", to=TensorProto.FLOAT16)
+    x = _body(b, graph, weights, x)
+    if opts.precision == "fp16":
+        x = b.node("Cast", [x], "to_fp32", to=TensorProto.FLOAT)
+    outputs = _head(b, graph, opts, x)
+    onnx_graph = helper.make_graph(b.nodes, graph.meta.name, [graph_input], outputs, b.inits)
+    opset_ids = [helper.make_opsetid("", opts.opset)]
+    model = helper.make_model(onnx_graph, opset_imports=opset_ids, producer_name="vggspec")
+    model.ir_version = max(MIN_IR_VERSION, helper.find_min_ir_version_for(opset_ids))
+    _set_metadata(model, graph, opts, labels)
+    return model
+
+
+def _input_stage(b: _Builder, graph: LayerGraph, opts: _Options) -> tuple[onnx.ValueInfoProto, str]:
+    """The graph input and the float32 NCHW tensor the network reads."""
+    c, h, w = graph.meta.input_shape
+    hw: list[int | str] = ["H", "W"] if opts.dense else [h, w]
+    if not opts.embed:
+        return helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, *hw]), "input"
+    p = opts.preprocessing
+    x = b.node("Cast", ["image"], "preprocess_cast", to=TensorProto.FLOAT)
+    if p.channel_order.upper() == "BGR":  # decoded frames are RGB; the network wants BGR
+        x = _reverse(b, x, 3, "preprocess_bgr")
+    x = b.node("Mul", [x, b.init("preprocess.scale", np.array(p.scale, np.float32))], "preprocess_scale")
+    x = b.node("Sub", [x, b.init("preprocess.mean", _per_channel(p.mean, c))], "preprocess_mean")
+    x = b.node("Div", [x, b.init("preprocess.std", _per_channel(p.std, c))], "preprocess_std")
+    x = b.node("Transpose", [x], "preprocess_nchw", perm=[0, 3, 1, 2])
+    return helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", *hw, c]), x
+
+
+def _reverse(b: _Builder, x: str, axis: int, name: str) -> str:
+    """x reversed along `axis`: Slice from the last element to before the first, step -1."""
+    starts, ends = b.init(f"{name}.starts", np.array([-1])), b.init(f"{name}.ends", np.array([INT64_MIN]))
+    axes, steps = b.init(f"{name}.axes", np.array([axis])), b.init(f"{name}.steps", np.array([-1]))
+    return b.node("Slice", [x, starts, ends, axes, steps], name)
+
+
+def _per_channel(values: Sequence[float], channels: int) -> np.ndarray:
+    v = np.asarray(values, np.float32)
+    if v.size == 1:
+        v = np.full(channels, v.item(), np.float32)
+    if v.size != channels:
+        raise VggspecError(f"preprocessing has {v.size} values for {channels} input channels")
+    return v
+
+
+def _emit_conv(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> str:
+    kh, kw = kernel_hw(layer)
+    p, s = layer.attrs["padding"], layer.attrs["stride"]
+    return b.node("Conv", _with_params(b, layer, w, x), layer.name, kernel_shape=[kh, kw], pads=[p] * 4, strides=[s, s])
+
+
+def _emit_bn(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> str:
+    if f"{layer.name}.running_mean" not in w:  # folded into the conv before it (int8)
+        return x
+    keys = ("weight", "bias", "running_mean", "running_var")
+    inputs = [x, *(b.weight(f"{layer.name}.{k}", w[f"{layer.name}.{k}"]) for k in keys)]
+    return b.node("BatchNormalization", inputs, layer.name, epsilon=float(layer.attrs["eps"]))
+
+
+def _emit_fc(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> str:
+    return b.node("Gemm", _with_params(b, layer, w, x), layer.name, transB=1)  # weight is (out, in), as torch's
+
+
+def _with_params(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> list[str]:
+    return [x, *(b.weight(f"{layer.name}.{k}", w[f"{layer.name}.{k}"]) for k in ("weight", "bias"))]
+
+
+def _emit_lrn(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> str:
+    a = layer.attrs
+    # the graph's alpha is already in ONNX's convention (divided by size in the formula), k is ONNX's bias
+    return b.node("LRN", [x], layer.name, size=int(a["size"]), alpha=float(a["alpha"]), beta=float(a["beta"]),
+                  bias=float(a["k"]))
+
+
+def _emit_pool(b: _Builder, layer: Layer, w: dict[str, np.ndarray], x: str) -> str:
+    k, s = layer.attrs["kernel"], layer.attrs["stride"]
+    return b.node("MaxPool", [x], layer.name, kernel_shape=[k, k], strides=[s, s])
+
+
+_EMITTERS: dict[str, Callable[[_Builder, Layer, dict[str, np.ndarray], str], str]] = {
+    "conv": _emit_conv,
+    "bn": _emit_bn,
+    "fc": _emit_fc,
+    "lrn": _emit_lrn,
+    "maxpool": _emit_pool,
+    "relu": lambda b, layer, w, x: b.node("Relu", [x], layer.name),
+    "flatten": lambda b, layer, w, x: b.node("Flatten", [x], layer.name, axis=1),
+    "dropout": lambda b, layer, w, x: x,  # inference: identity
+    "input": lambda b, layer, w, x: x,
+}
+
+
+def _body(b: _Builder, graph: LayerGraph, weights: dict[str, np.ndarray], x: str) -> str:
+    """Every layer up to the class scores (the FC logits, or the dense score map)."""
+    for layer in graph.layers:
+        if layer.op in ("mean", "softmax"):
+            break
+        if layer.op not in _EMITTERS:
+            raise ModelError(f"the ONNX backend has no translation for layer {layer.name} ({layer.op})")
+        x = _EMITTERS[layer.op](b, layer, weights, x)
+    return x
+
+
+def _head(b: _Builder, graph: LayerGraph, opts: _Options, x: str) -> list[onnx.ValueInfoProto]:
+    """Spatial mean (dense), soft-max, the flip average, and the graph outputs."""
+    score_map = x
+    if opts.dense:
+        x = b.node("GlobalAveragePool", [x], "mean", output="mean_map")
+        x = b.node("Flatten", [x], "mean_flatten", output="mean", axis=1)
+    k = graph.meta.classes
+    if opts.flip:
+        x = b.node("Softmax", [x], "prob", axis=1)
+        probs, flipped = _split_batch(b, x, "flip_split")
+        x = b.node("Add", [probs, flipped], "flip_sum")
+        b.node("Mul", [x, b.init("flip.half", np.array(0.5, np.float32))], "flip_mean", output="probs")
+    else:
+        b.node("Softmax", [x], "prob", output="probs", axis=1)
+    outputs = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", k])]
+    if opts.scores:
+        outputs.append(_scores_output(b, opts, score_map, k))
+    return outputs
+
+
+def _split_batch(b: _Builder, x: str, name: str) -> tuple[str, str]:
+    """The two halves of the doubled (original + flipped) batch."""
+    outs = [f"{name}_0", f"{name}_1"]
+    attrs = {"axis": 0, **({"num_outputs": 2} if b.opset >= 18 else {})}
+    b.nodes.append(helper.make_node("Split", [x], outs, name=name, **attrs))
+    return outs[0], outs[1]
+
+
+def _scores_output(b: _Builder, opts: _Options, score_map: str, classes: int) -> onnx.ValueInfoProto:
+    """The class score map of the unflipped image: (N, classes, h, w), 1 x 1 for the standard graph."""
+    if opts.flip:
+        score_map, _ = _split_batch(b, score_map, "scores_split")
+    if opts.dense:
+        b.node("Identity", [score_map], "scores_out", output="scores")
+        dims: list[int | str] = ["N", classes, "h", "w"]
+    else:
+        b.node("Unsqueeze", [score_map, b.init("scores.axes", np.array([2, 3]))], "scores_out", output="scores")
+        dims = ["N", classes, 1, 1]
+    return helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)
+
+
+def _set_metadata(model: onnx.ModelProto, graph: LayerGraph, opts: _Options, labels: Sequence[str]) -> None:
+    """metadata_props as docs/DEVELOPING.md's contract says (the runtime reads them), plus the standard fields."""
+    from .. import __version__
+
+    meta = graph.meta
+    c, h, w = meta.input_shape
+    flag = lambda v: "true" if v else "false"  # noqa: E731
+    props = {
+        "vggspec.version": __version__, "vggspec.name": meta.name, "vggspec.spec": meta.spec_text,
+        "vggspec.classes": str(meta.classes), "vggspec.input_size": json.dumps([h, w]), "vggspec.channels": str(c),
+        "vggspec.preprocessing": json.dumps(opts.preprocessing.to_dict()),
+        "vggspec.fully_conv": flag(opts.dense), "vggspec.flip": flag(opts.flip),
+        "vggspec.embedded_preprocessing": flag(opts.embed), "vggspec.scores": flag(opts.scores),
+        "vggspec.precision": opts.precision,
+    }
+    if labels:
+        props["vggspec.labels"] = json.dumps(list(labels))
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    model.producer_name, model.producer_version, model.model_version = "vggspec", __version__, 1
+    form = "dense-evaluation (fully convolutional)" if opts.dense else "standard"
+    source = meta.spec_path or "a spec"
+    model.doc_string = f"{meta.name}: {form} {opts.precision} graph compiled by vggspec {__version__} from {source}"
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def check_model(model: onnx.ModelProto | str | Path) -> None:
+    """onnx.checker with full_check; a failure is our bug, reported as a ModelError."""
+    if isinstance(model, onnx.ModelProto) and initializer_bytes(model) >= EXTERNAL_DATA_BYTES:
+        return _check_large(model)  # the checker cannot take a proto over 2 GB, only a path
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"internal error: the exported graph fails onnx.checker: {exc}") from None
+
+
+def _check_large(model: onnx.ModelProto) -> None:
+    """Check a copy saved with external data in a temporary folder (the model itself keeps its tensors)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="vggspec-check-") as tmp:
+        onnx.save_model(copy, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+        check_model(f"{tmp}/model.onnx")
+
+
+def save_model(model: onnx.ModelProto, output: str | Path) -> None:
+    """Check and write atomically; over 2 GB, with external data (OUT.data) written in a temp folder first."""
+    output = check_output_path(output)
+    if initializer_bytes(model) < EXTERNAL_DATA_BYTES:
+        _write_single(model, output)
+    else:
+        _write_external(model, output)
+
+
+def _write_single(model: onnx.ModelProto, output: Path) -> None:
+    """Write beside OUT, check the written file (faster than the proto for big models: no re-serialising), rename."""
+    from ..atomic import atomic_path
+
+    with atomic_path(output, ".onnx") as tmp:
+        onnx.save_model(model, str(tmp))
+        check_model(tmp)
+
+
+def _write_external(model: onnx.ModelProto, output: Path) -> None:
+    """Model and data into a hidden folder beside OUT, checked there, then renamed: data first, model last."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        data_name = f"{output.name}.data"
+        staged = tmpdir / output.name
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        check_model(staged)
+        for path in (tmpdir / data_name, staged):
+            os.chmod(path, 0o644)
+        os.replace(tmpdir / data_name, output.parent / data_name)
+        os.replace(staged, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

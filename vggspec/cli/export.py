@@ -1,0 +1,82 @@
+"""`vggspec export`: the ONNX graph of a spec, standard or dense-evaluation, fp32, fp16 or int8.
+
+Neither torch nor onnxruntime is imported here at import time (onnxruntime only for int8, when asked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import load_graph, set_option
+
+
+def _size(path: Path) -> str:
+    data = path.with_name(path.name + ".data")
+    n = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@click.command()
+@click.argument("spec", metavar="[SPEC]", required=False)
+@click.option("--weights", metavar="CKPT", type=click.Path(dir_okay=False),
+              help="A vggspec checkpoint (.safetensors); its preprocessing and labels go into the metadata. "
+                   "Without SPEC, the spec is the checkpoint's own. Default: the spec's initialisation, seeded.")
+@click.option("--fully-conv", is_flag=True,
+              help="Dense evaluation (section 3.2): FC layers as convolutions, any input size.")
+@click.option("--flip", is_flag=True, help="Also run the horizontally flipped image and average the posteriors.")
+@click.option("--scores", is_flag=True, help="Add a second output, `scores`: the class score map (N, classes, h, w).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16 keeps float32 inputs and outputs; int8 is static QDQ quantization (needs --calibration).")
+@click.option("--calibration", metavar="DIR", type=click.Path(file_okay=False),
+              help="Folder of images to calibrate int8 on.")
+@click.option("--embed-preprocessing", is_flag=True,
+              help="Input `image`: uint8 (N, H, W, C) RGB; scaling and normalisation in the graph.")
+@click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 17, IR version 8).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initialisation when there is no --weights.")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The file to write (atomically).")
+@set_option
+def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, scores: bool, precision: str,
+           calibration: str | None, embed_preprocessing: bool, opset: int | None, seed: int, output: str,
+           sets: tuple[str, ...]) -> None:
+    """Compile SPEC to an ONNX model for onnxruntime, without torch.
+
+    Node and initializer names are the spec's layer names (conv1_1, fc6, ...). The metadata
+    carries the spec, the preprocessing, the input size, the labels and the export options.
+    """
+    from ..backends.onnx import DEFAULT_OPSET, export_onnx
+
+    graph, kwargs = _graph_and_weights(spec, weights, sets)
+    opset = DEFAULT_OPSET if opset is None else opset
+    export_onnx(graph, output, fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
+                calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed, **kwargs)
+    form = ", fully convolutional" if fully_conv else ""
+    click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {opset}, {precision}{form})")
+
+
+def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, ...]) -> tuple:
+    """The graph and export_onnx's weights/preprocessing/labels arguments from SPEC and --weights."""
+    if weights is None:
+        if spec is None:
+            raise click.UsageError("give SPEC, or --weights CKPT to export the checkpoint's own spec")
+        return load_graph(spec, sets), {}
+    from .. import loads_spec
+    from ..errors import WeightsError
+    from ..weights import check_tensors, load_checkpoint
+
+    ckpt = load_checkpoint(weights)
+    if spec is not None:
+        graph = load_graph(spec, sets)
+    elif ckpt.spec:
+        graph = loads_spec(ckpt.spec, path=f"{weights} (spec)", overrides=sets)
+    else:
+        raise WeightsError("checkpoint carries no spec text", weights, "give SPEC before --weights")
+    check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
+    extra = {"weights": ckpt.tensors, "labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
+    return graph, extra
+
+
+def register(main: click.Group) -> None:
+    main.add_command(export)
