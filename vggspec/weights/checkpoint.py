@@ -7,6 +7,8 @@ Metadata (string to string, as safetensors requires) holds:
   preprocessing  JSON: scale, mean, std, channel_order, layout
   labels         JSON list of class labels, when known
   source         where the tensors came from (init:paper:seed=0, torchvision:vgg16.pth, train:...)
+  overrides      JSON list of the `--set key=value` overrides the spec was compiled with, when any
+                 (the spec text is stored as written; `checkpoint_graph` applies both)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Checkpoint:
     labels: tuple[str, ...] = ()
     source: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
 
     def metadata(self) -> dict[str, str]:
         from .. import __version__
@@ -40,6 +43,8 @@ class Checkpoint:
             meta["preprocessing"] = json.dumps(self.preprocessing.to_dict())
         if self.labels:
             meta["labels"] = json.dumps(list(self.labels))
+        if self.overrides:
+            meta["overrides"] = json.dumps(list(self.overrides))
         return {**self.extra, **meta}
 
 
@@ -47,7 +52,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write a checkpoint atomically."""
     from safetensors.numpy import save_file
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in checkpoint.tensors.items()}
+    tensors = {k: np.require(v, requirements="C") for k, v in checkpoint.tensors.items()}  # 0-d stays 0-d
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=checkpoint.metadata())
 
@@ -66,7 +71,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as exc:  # safetensors raises its own error types for every kind of bad file
         raise WeightsError(f"not a safetensors checkpoint ({exc})", str(path)) from None
     pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
-    known = {"format", "vggspec", "spec", "preprocessing", "labels", "source"}
+    known = {"format", "vggspec", "spec", "preprocessing", "labels", "source", "overrides"}
     return Checkpoint(
         tensors=tensors,
         spec=meta.get("spec", ""),
@@ -74,7 +79,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         labels=tuple(json.loads(meta["labels"])) if "labels" in meta else (),
         source=meta.get("source", ""),
         extra={k: v for k, v in meta.items() if k not in known},
+        overrides=tuple(json.loads(meta["overrides"])) if "overrides" in meta else (),
     )
+
+
+def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None) -> LayerGraph:
+    """The layer graph a checkpoint belongs to: its spec text compiled with its stored overrides."""
+    from ..graph import build
+    from ..spec import parse
+
+    if not checkpoint.spec.strip():
+        raise WeightsError("the checkpoint holds no spec text", path, "give the spec explicitly")
+    # The labels file named in the spec is not beside a checkpoint: the labels travel in its metadata.
+    overrides = (*checkpoint.overrides, "labels=")
+    graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", overrides))
+    graph.graph["meta"] = graph.meta.with_(labels=tuple(checkpoint.labels))
+    return graph
 
 
 def check_tensors(graph: LayerGraph, tensors: dict[str, np.ndarray], path: str | None = None) -> None:

@@ -1,0 +1,165 @@
+"""`vggspec build`, `vggspec init` and `vggspec weights import|export`: the PyTorch side of the compiler.
+
+torch is imported inside the commands that need it (weights import/export of .pth files), never at
+import time: `build --target torch` only renders source and runs without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import load_graph, set_option, spec_argument
+
+SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without importing numpy here
+
+
+@click.command()
+@spec_argument
+@click.option("--target", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch: a standalone PyTorch module (.py); onnx: the ONNX graph with default options.")
+@click.option("-o", "--output", metavar="OUT", help="The file to write (atomically). torch: stdout without it.")
+@set_option
+def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> None:
+    """Compile SPEC to PyTorch source or an ONNX graph.
+
+    The PyTorch module imports only torch and the standard library: a training class named from the
+    spec (vgg_d -> VggD, returning logits) and its dense-evaluation twin (VggD.dense() -> VggDDense).
+    """
+    graph = load_graph(spec, sets)
+    if target == "onnx":
+        if output is None:
+            raise click.UsageError("--target onnx needs -o OUT.onnx")
+        from ..backends.onnx import export_onnx
+
+        export_onnx(graph, output)
+        click.echo(f"wrote {output} ({graph.meta.name}, ONNX)")
+        return
+    from ..atomic import write_text_atomic
+    from ..backends.torch import class_name, dense_class_name, render_source
+
+    source = render_source(graph)
+    if output is None:
+        click.echo(source, nl=False)
+        return
+    write_text_atomic(output, source)
+    click.echo(f"wrote {output} (classes {class_name(graph)} and {dense_class_name(graph)})")
+
+
+@click.command()
+@spec_argument
+@click.option("--init", "scheme", type=click.Choice(SCHEMES), default=None,
+              help="Initialisation scheme (default: the spec's `init`, else paper).")
+@click.option("--init-from", metavar="CKPT", type=click.Path(dir_okay=False),
+              help="A shallower net's checkpoint (net A in the paper): copy its first four conv and last three "
+                   "FC layers, initialise the rest.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("-o", "--output", required=True, metavar="OUT.safetensors", help="The checkpoint to write (atomically).")
+@set_option
+def init(spec: str, scheme: str | None, init_from: str | None, seed: int, output: str, sets: tuple[str, ...]) -> None:
+    """Write an initialised checkpoint of SPEC (section 3.1 of the paper)."""
+    from ..weights import Checkpoint, init_weights, save_checkpoint
+
+    graph = load_graph(spec, sets)
+    scheme = scheme or graph.meta.init
+    source = f"init:{scheme}:seed={seed}"
+    if init_from is None:
+        tensors = init_weights(graph, scheme, seed)
+    else:
+        from ..weights import checkpoint_graph, load_checkpoint
+        from ..weights.shallow import init_from_shallow
+
+        shallow = load_checkpoint(init_from)
+        shallow_graph = checkpoint_graph(shallow, init_from)
+        result = init_from_shallow(graph, shallow_graph, shallow.tensors, scheme, seed, init_from)
+        tensors, source = result.tensors, f"{source};from:{Path(init_from).name}"
+        click.echo(f"copied from {init_from}: " + ", ".join(f"{s}->{t}" if s != t else s for s, t in result.copied))
+    ckpt = Checkpoint(tensors, spec=graph.meta.spec_text, preprocessing=graph.meta.preprocessing,
+                      labels=graph.meta.labels, source=source, overrides=tuple(sets))
+    save_checkpoint(output, ckpt)
+    click.echo(f"wrote {output} ({graph.meta.name}, {scheme} init, seed {seed})")
+
+
+@click.group()
+def weights() -> None:
+    """Convert weights between vggspec checkpoints and torchvision's or the Caffe release's layout."""
+
+
+@weights.command("import")
+@click.option("--from", "source", type=click.Choice(["torchvision", "caffe"]), required=True,
+              help="torchvision: a .pth state_dict (features.N, classifier.N); "
+                   "caffe: the original release's blobs as .npz/.safetensors (conv1_1.weight, ...).")
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--spec", "spec", required=True, metavar="SPEC",
+              help="The spec the weights belong to; with --from torchvision also vgg11..vgg19[_bn].")
+@click.option("-o", "--output", required=True, metavar="OUT.safetensors", help="The checkpoint to write (atomically).")
+@set_option
+def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[str, ...]) -> None:
+    """Import FILE into a vggspec checkpoint, with the source's preprocessing in its metadata."""
+    from ..weights import Checkpoint, save_checkpoint
+
+    if source == "torchvision":
+        from ..weights import torchvision as tv
+
+        spec, sets = _torchvision_spec(spec, sets)
+        graph = load_graph(spec, sets)
+        tensors = tv.from_torchvision(graph, tv.load_pth(file), file)
+        preprocessing = tv.PREPROCESSING
+    else:
+        from ..weights import caffe
+
+        graph = load_graph(spec, sets)
+        tensors = caffe.from_caffe(graph, caffe.load_blobs(file), file)
+        preprocessing = caffe.PREPROCESSING
+    ckpt = Checkpoint(tensors, spec=graph.meta.spec_text, preprocessing=preprocessing, labels=graph.meta.labels,
+                      source=f"{source}:{Path(file).name}", overrides=tuple(sets))
+    save_checkpoint(output, ckpt)
+    click.echo(f"wrote {output} ({graph.meta.name}, {len(tensors)} tensors from {source})")
+
+
+def _torchvision_spec(spec: str, sets: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """`--spec vgg16_bn` means D with norm=batch, unless a file of that name exists."""
+    from ..weights.torchvision import ARCHITECTURES, spec_for
+
+    if not Path(spec).exists() and spec.lower().removesuffix("_bn") in ARCHITECTURES:
+        base, extra = spec_for(spec.lower())
+        return base, (*extra, *sets)
+    return spec, sets
+
+
+@weights.command("export")
+@click.option("--to", "target", type=click.Choice(["torchvision", "caffe"]), required=True,
+              help="torchvision: a .pth state_dict for torchvision.models.vggNN[_bn]; caffe: .npz of Caffe blobs.")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="FILE", help="The file to write (atomically).")
+def export_weights(target: str, checkpoint: str, output: str) -> None:
+    """Export a vggspec checkpoint (its spec read from its metadata) to another layout."""
+    from ..weights import checkpoint_graph, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    graph = checkpoint_graph(ckpt, checkpoint)
+    if target == "torchvision":
+        from ..weights import torchvision as tv
+
+        tv.save_pth(output, tv.to_torchvision(graph, ckpt.tensors))
+        if ckpt.preprocessing is not None and ckpt.preprocessing != tv.PREPROCESSING:
+            # torchvision's users normalise as ImageNet models do; these weights expect other inputs
+            click.echo(f"note: the weights expect preprocessing {ckpt.preprocessing.to_dict()}, not torchvision's",
+                       err=True)
+    else:
+        import numpy as np
+
+        from ..atomic import atomic_path
+        from ..weights import caffe
+
+        blobs = caffe.to_caffe(graph, ckpt.tensors)
+        with atomic_path(output, ".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **blobs)
+    click.echo(f"wrote {output} ({graph.meta.name}, {target} layout)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(build)
+    main.add_command(init)
+    main.add_command(weights)
