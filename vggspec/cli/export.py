@@ -62,17 +62,13 @@ def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, .
         if spec is None:
             raise click.UsageError("give SPEC, or --weights CKPT to export the checkpoint's own spec")
         return load_graph(spec, sets), {}
-    from .. import loads_spec
-    from ..errors import WeightsError
-    from ..weights import check_tensors, load_checkpoint
+    from ..weights import check_tensors, checkpoint_graph, load_checkpoint
 
     ckpt = load_checkpoint(weights)
     if spec is not None:
         graph = load_graph(spec, sets)
-    elif ckpt.spec:
-        graph = loads_spec(ckpt.spec, path=f"{weights} (spec)", overrides=sets)
     else:
-        raise WeightsError("checkpoint carries no spec text", weights, "give SPEC before --weights")
+        graph = checkpoint_graph(ckpt, weights, sets)
     check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
     extra = {"weights": ckpt.tensors, "labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
     return graph, extra

@@ -83,16 +83,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None) -> LayerGraph:
-    """The layer graph a checkpoint belongs to: its spec text compiled with its stored overrides."""
+def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides: tuple[str, ...] = ()) -> LayerGraph:
+    """The layer graph a checkpoint belongs to: its spec text compiled with its stored overrides,
+    then `overrides` on top of them."""
     from ..graph import build
     from ..spec import parse
 
     if not checkpoint.spec.strip():
         raise WeightsError("the checkpoint holds no spec text", path, "give the spec explicitly")
     # The labels file named in the spec is not beside a checkpoint: the labels travel in its metadata.
-    overrides = (*checkpoint.overrides, "labels=")
-    graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", overrides))
+    stored = (*checkpoint.overrides, "labels=", *overrides)
+    graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", stored))
     graph.graph["meta"] = graph.meta.with_(labels=tuple(checkpoint.labels))
     return graph
 

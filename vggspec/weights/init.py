@@ -70,14 +70,15 @@ def init_layer(layer: Layer, scheme: str, seed: int) -> dict[str, np.ndarray]:
         shape = (layer.out_shape[0], layer.in_shape[0])
     receptive = int(np.prod(shape[2:])) if len(shape) == 4 else 1
     fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    # Drawn in float32: D's 138M values take a quarter of the time of float64 draws.
     if scheme == "paper" or (scheme == "kaiming" and layer.op == "fc"):
-        weight = rng.normal(0.0, PAPER_STD, shape)
+        weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(PAPER_STD)
     elif scheme == "xavier":
-        bound = np.sqrt(6.0 / (fan_in + fan_out))
-        weight = rng.uniform(-bound, bound, shape)
+        bound = np.float32(np.sqrt(6.0 / (fan_in + fan_out)))
+        weight = (rng.random(shape, dtype=np.float32) * 2 - 1) * bound
     else:
-        weight = rng.normal(0.0, np.sqrt(2.0 / fan_out), shape)
-    return {f"{layer.name}.weight": weight.astype(np.float32), f"{layer.name}.bias": np.zeros(shape[0], np.float32)}
+        weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_out))
+    return {f"{layer.name}.weight": weight, f"{layer.name}.bias": np.zeros(shape[0], np.float32)}
 
 
 def init_weights(graph: LayerGraph, scheme: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
