@@ -294,7 +294,7 @@ def write_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (40, 5
 
 
 def test_int8_agrees_with_fp32(tmp_path, small):
-    from vggspec.backends.onnx_quant import load_crop, normalise
+    from vggspec.backends.onnx_quant import calibration_inputs
 
     graph, w = small
     write_images(tmp_path / "cal", 24, seed=1)
@@ -304,9 +304,9 @@ def test_int8_agrees_with_fp32(tmp_path, small):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("conv1_1.weight")]
     assert dq and any(a.name == "axis" for a in dq[0].attribute)  # per-channel weights
-    pre = graph.meta.preprocessing
-    x = np.concatenate([normalise(load_crop(p, (32, 32), 3), pre) for p in sorted((tmp_path / "test").iterdir())])
-    ref = run(vggspec.export_onnx(graph, weights=w), x)[0]
+    fp32 = vggspec.export_onnx(graph, weights=w)
+    x = np.concatenate(list(calibration_inputs(fp32, sorted((tmp_path / "test").iterdir()))))
+    ref = run(fp32, x)[0]
     probs = run(out, x)[0]
     agree = float((probs.argmax(1) == ref.argmax(1)).mean())
     print(f"\nint8 vs fp32 on 64 images: top-1 agreement {agree:.1%}, max prob diff {np.abs(probs - ref).max():.3f}")

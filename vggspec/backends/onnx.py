@@ -130,8 +130,7 @@ def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options
     from .onnx_quant import quantize
 
     model = build_model(graph, fold_batch_norm(graph, weights), opts, labels)
-    hw = graph.meta.input_shape[1:]  # calibrate at the spec's size, also for a dense model
-    model = quantize(model, calibration, hw, opts.preprocessing, opts.embed)
+    model = quantize(model, calibration)
     _set_metadata(model, graph, opts, labels)  # quantize_static rewrites the model's header
     return model
 

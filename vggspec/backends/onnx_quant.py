@@ -1,10 +1,7 @@
 """int8 export: static QDQ quantization with onnxruntime's tools, calibrated on a folder of images.
 
-The calibration images are preprocessed as the model's metadata says: decoded with Pillow,
-converted to RGB (L for one-channel specs), rescaled isotropically so the image covers the
-spec's input size, centre-cropped, then (pixel * scale - mean) / std in NCHW, unless the
-preprocessing is embedded in the graph, when the reader feeds the uint8 NHWC crop itself.
-(Self-contained on purpose: vggspec/runtime/preprocess.py does the same for inference and the two may be unified.)
+The calibration images are preprocessed as the model's metadata says, by the runtime's own
+pipeline (vggspec.runtime.preprocess): the quantizer calibrates on exactly what inference feeds.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import numpy as np
 import onnx
 
 from ..errors import DataError, VggspecError
-from ..graph import Preprocessing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # The network's compute ops; the head (spatial mean, soft-max, flip average) stays float32.
@@ -41,68 +37,57 @@ def calibration_images(folder: str | Path | None) -> list[Path]:
     return images
 
 
-def load_crop(path: Path, hw: tuple[int, int], channels: int) -> np.ndarray:
-    """uint8 (H, W, C): decoded, isotropically rescaled to cover `hw`, centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
+def calibration_inputs(model: onnx.ModelProto | bytes, images: list[Path]) -> Iterator[np.ndarray]:
+    """Each calibration image as the model's input, preprocessed as its metadata says.
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            h, w = hw
-            s = max(h / im.height, w / im.width)
-            size = (max(w, round(im.width * s)), max(h, round(im.height * s)))
-            im = im.resize(size, Image.BILINEAR)
-            left, top = (size[0] - w) // 2, (size[1] - h) // 2
-            arr = np.asarray(im.crop((left, top, left + w, top + h)), np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"cannot decode calibration image ({exc})", str(path)) from None
-    return arr.reshape(h, w, channels)
+    The runtime's own pipeline does the work (decode, EXIF, colour modes, isotropic rescale,
+    normalisation or raw uint8 for embedded preprocessing), so calibration sees exactly what
+    inference will; the crop is the centre one at the spec's input size.
+    """
+    import onnxruntime as ort
 
+    from ..runtime.preprocess import load_image, rescale, to_array, to_input
+    from ..runtime.session import read_info
 
-def normalise(crop: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """float32 (1, C, H, W) = (pixel * scale - mean) / std, in the network's channel order."""
-    x = crop.astype(np.float32)
-    if pre.channel_order.upper() == "BGR":
-        x = x[..., ::-1]
-    x = (x * np.float32(pre.scale) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    info = read_info(session, "<model being quantized>")
+    h, w = info.input_size
+    for path in images:
+        pixels = to_array(rescale(load_image(path, info.channels), min(h, w)))
+        top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
+        yield to_input(pixels[None, top : top + h, left : left + w], info)
 
 
-def _reader(images: list[Path], input_name: str, hw: tuple[int, int], channels: int, pre: Preprocessing,
-            embed: bool) -> object:
+def _reader(model: onnx.ModelProto, images: list[Path]) -> object:
     from onnxruntime.quantization import CalibrationDataReader
+
+    name = model.graph.input[0].name
+    data = model.SerializeToString()  # now: quantize_static moves the weights of `model` to external files
 
     class ImageFolderReader(CalibrationDataReader):
         """One image per batch, decoded lazily so a large folder is not held in memory."""
 
         def __init__(self) -> None:
-            self._it = self._feeds()
-
-        def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
-            for path in images:
-                crop = load_crop(path, hw, channels)
-                yield {input_name: crop[None] if embed else normalise(crop, pre)}
+            self._it = calibration_inputs(data, images)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
+            batch = next(self._it, None)
+            return None if batch is None else {name: batch}
 
         def rewind(self) -> None:
-            self._it = self._feeds()
+            self._it = calibration_inputs(data, images)
 
     return ImageFolderReader()
 
 
-def quantize(model: onnx.ModelProto, calibration: str | Path | None, hw: tuple[int, int], pre: Preprocessing,
-             embed: bool) -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, calibration: str | Path | None) -> onnx.ModelProto:
     """Static QDQ quantization: per-channel int8 weights, int8 activations, MinMax calibration."""
     try:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     except ImportError:
         raise VggspecError("int8 export needs onnxruntime", hint="pip install 'vggspec[cpu]'") from None
-    images = calibration_images(calibration)
-    graph_input = model.graph.input[0]
-    channels = graph_input.type.tensor_type.shape.dim[3 if embed else 1].dim_value
-    reader = _reader(images, graph_input.name, hw, channels, pre, embed)
+    reader = _reader(model, calibration_images(calibration))
     with tempfile.TemporaryDirectory(prefix="vggspec-int8-") as tmp, _quiet_preprocessing_advice():
         out = Path(tmp) / "int8.onnx"
         quantize_static(
