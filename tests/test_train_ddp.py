@@ -1,0 +1,52 @@
+"""DDP: two CPU processes (gloo) launched by torchrun end with the weights of one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train_data import image_folder, tiny_spec
+
+from vggspec.weights import load_checkpoint
+
+pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: two ranks on two cores, and the same kernels in both runs.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _train_args(spec: Path, data: Path, rundir: Path) -> list[str]:
+    # Flips, jitter and PCA lighting stay on: their draws are seeded per image, not per process.
+    return ["-m", "vggspec", "train", str(spec), "--data", str(data), "-o", str(rundir), "--batch-size", "8",
+            "--epochs", "2", "--lr", "0.05", "--scale", "10:12", "--workers", "0", "--no-progress", "--deterministic"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg")  # no batch norm, no dropout: per-rank statistics would differ
+    data = image_folder(tmp_path / "data", classes=3, per_class=8, size=12)
+    one = subprocess.run([sys.executable, *_train_args(spec, data, tmp_path / "one")], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run([*torchrun, *_train_args(spec, data, tmp_path / "two")], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr + two.stdout
+    a = load_checkpoint(tmp_path / "one" / "model.safetensors")
+    b = load_checkpoint(tmp_path / "two" / "model.safetensors")
+    assert int(a.extra["train.step"]) == int(b.extra["train.step"]) == 2 * (24 // 8)
+    assert (a.extra["train.world_size"], b.extra["train.world_size"]) == ("1", "2")
+    for key in a.tensors:
+        np.testing.assert_allclose(a.tensors[key], b.tensors[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert a.preprocessing == b.preprocessing
+    # Rank 0 alone reported and wrote: one summary line, one row per epoch.
+    assert two.stdout.count("val top-1 error") == 1
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2

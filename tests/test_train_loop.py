@@ -1,0 +1,188 @@
+"""The training loop in one process: learning on digits, accumulation, NaN stop, resume errors, rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_train_data import image_folder, tiny_spec
+
+from vggspec.errors import DataError, VggspecError
+from vggspec.weights import load_checkpoint
+
+torch = pytest.importorskip("torch")
+
+from vggspec.train import TrainConfig, train  # noqa: E402
+from vggspec.train import distributed as D  # noqa: E402
+from vggspec.train.loop import TrainingError  # noqa: E402
+
+DIGITS16 = """name: digits16
+input: 16x16x1
+classes: 10
+norm: batch
+dropout: 0
+init: xavier
+scale: 1/255
+mean: 0.5
+std: 0.5
+
+conv3-8 maxpool
+conv3-16 maxpool
+FC-32 FC-10 soft-max
+"""
+
+
+def config(spec: Path, data: Path, rundir: Path, **kw) -> TrainConfig:
+    base = dict(batch_size=8, lr=0.05, epochs=1, workers=0, scale=(10, 10), progress=False, deterministic=True)
+    return TrainConfig(spec=str(spec), data=str(data), rundir=str(rundir), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8, size=10)
+
+
+def test_learns_digits(tmp_path: Path) -> None:
+    from vggspec.train.digits import write_digits
+
+    write_digits(tmp_path / "digits", size=16)
+    spec = tmp_path / "d16.vgg"
+    spec.write_text(DIGITS16)
+    train(config(spec, tmp_path / "digits", tmp_path / "run", batch_size=32, lr=0.05, epochs=2, scale=(16, 18),
+                 flip=False, deterministic=False))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] < 2.5
+    assert rows[1]["val_top1_err"] < 0.4  # chance is 0.9
+    assert rows[1]["val_top5_err"] <= rows[1]["val_top1_err"]
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    ckpt = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert ckpt.labels == tuple(str(d) for d in range(10))
+    assert 0.05 < ckpt.preprocessing.mean[0] < 0.45 and ckpt.preprocessing.std == (0.5,)  # the training set's mean
+    assert ckpt.extra["train.epoch"] == "2"
+
+
+def test_accumulation_equals_the_full_batch(tmp_path: Path, folder: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    train(config(spec, folder, tmp_path / "full"))
+    train(config(spec, folder, tmp_path / "acc", accumulate=4))
+    a = load_checkpoint(tmp_path / "full" / "model.safetensors").tensors
+    b = load_checkpoint(tmp_path / "acc" / "model.safetensors").tensors
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_fine_tuning_starts_from_the_weights(tmp_path: Path, folder: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    train(config(spec, folder, tmp_path / "a"))
+    start = tmp_path / "a" / "model.safetensors"
+    train(config(spec, folder, tmp_path / "b", weights=str(start), lr=0.0))
+    a, b = load_checkpoint(start).tensors, load_checkpoint(tmp_path / "b" / "model.safetensors").tensors
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_init_from_a_shallower_net(tmp_path: Path, folder: Path) -> None:
+    # Net A's shape in small: four convs, three FCs; the deeper net adds conv1_2 and conv3_3.
+    layers = "conv3-4 maxpool\nconv3-4 maxpool\nconv3-8 conv3-8 maxpool\nFC-16 FC-16 FC-3 soft-max\n"
+    shallow = tiny_spec(tmp_path / "tiny.vgg")
+    shallow.write_text(shallow.read_text().split("conv3-4")[0] + layers)
+    train(config(shallow, folder, tmp_path / "a"))
+    deeper = tmp_path / "deeper.vgg"
+    deeper.write_text(shallow.read_text().replace("conv3-4 maxpool\nconv3-4", "conv3-4 conv3-4 maxpool\nconv3-4")
+                      .replace("conv3-8 conv3-8", "conv3-8 conv3-8 conv3-8"))
+    train(config(deeper, folder, tmp_path / "b", init_from=str(tmp_path / "a" / "model.safetensors"), lr=0.0))
+    a = load_checkpoint(tmp_path / "a" / "model.safetensors").tensors
+    b = load_checkpoint(tmp_path / "b" / "model.safetensors").tensors
+    for key in ("conv1_1.weight", "conv2_1.weight", "conv3_1.weight", "conv3_2.bias"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key in ("fc4.weight", "fc5.weight", "fc6.weight", "fc6.bias"):  # the last three FCs
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert b["conv1_2.weight"].shape == (4, 4, 3, 3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, folder: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    with pytest.raises(TrainingError, match="the loss became (nan|inf).*last good checkpoint"):
+        train(config(spec, folder, tmp_path / "run", lr=1e30, save_every=1, epochs=2))
+    ckpt = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert all(np.isfinite(t).all() for t in ckpt.tensors.values())
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["progress"]["global_step"] == int(ckpt.extra["train.step"]) >= 1
+
+
+def test_resume_errors(tmp_path: Path, folder: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VggspecError, match="holds no training run"):
+        train(config(spec, folder, tmp_path / "empty"), resume=True)
+    train(config(spec, folder, tmp_path / "run"))
+    with pytest.raises(VggspecError, match="already holds a training run"):
+        train(config(spec, folder, tmp_path / "run"))
+    other = tiny_spec(tmp_path / "other.vgg", dropout=0.25)
+    with pytest.raises(VggspecError, match="another spec"):
+        train(config(other, folder, tmp_path / "run"), resume=True)
+    with pytest.raises(VggspecError, match="another spec"):
+        train(TrainConfig(**{**config(spec, folder, tmp_path / "run").__dict__, "sets": ("dropout=0.1",)}), resume=True)
+    # Resuming a finished run with more epochs continues it.
+    last = train(config(spec, folder, tmp_path / "run"), resume=True, overrides={"epochs": 2})
+    assert last["epoch"] == 2
+
+
+def test_bad_data_fails_before_training(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path / "tiny.vgg", classes=4)
+    data = image_folder(tmp_path / "data", classes=3, per_class=2)
+    with pytest.raises(DataError, match="3 class folders but the spec has 4"):
+        train(config(spec, data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_images_do_not_stop_an_epoch(tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "data", classes=3, per_class=8, size=10)
+    for i in range(3):
+        (data / "train" / "class1" / f"bad{i}.png").write_bytes(b"\x89PNG broken")
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    with pytest.warns(UserWarning, match="unreadable training images"):
+        last = train(config(spec, data, tmp_path / "run", batch_size=9))
+    assert 0 < last["skipped"] <= 3
+
+
+def test_only_rank_0_writes(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(D, "setup", lambda device="auto": D.World(rank=1, size=1))
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    last = train(config(spec, folder, tmp_path / "run", save_every=1))
+    assert last["epoch"] == 1 and not (tmp_path / "run").exists()
+
+
+def test_gpu_options_run_on_the_cpu(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = []
+
+    def fake_compile(model, **kw):  # inductor needs a C++ toolchain and minutes; the path is what matters here
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    spec = tiny_spec(tmp_path / "tiny.vgg", norm="batch")
+    last = train(config(spec, folder, tmp_path / "run", bf16=True, channels_last=True, compile=True,
+                        deterministic=False))
+    assert compiled and np.isfinite(last["train_loss"])
+    assert "conv1_1.weight" in load_checkpoint(tmp_path / "run" / "model.safetensors").tensors
+
+
+def test_cli_data_digits_and_train_errors(tmp_path: Path) -> None:
+    from vggspec.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["data", "digits", str(tmp_path / "d"), "--size", "12"])
+    assert result.exit_code == 0, result.output
+    assert "train 1258" in result.output
+    result = runner.invoke(main, ["train", "examples/digits.vgg", "--data", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "no such data folder" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["train", "examples/digits.vgg", "--data", str(tmp_path / "d"),
+                                  "--resume", str(tmp_path / "norun")])
+    assert result.exit_code == 1 and "holds no training run" in result.output
+    result = runner.invoke(main, ["train", "examples/digits.vgg", "--data", str(tmp_path / "d"), "--scale", "9:8"])
+    assert result.exit_code == 2 and "--scale" in result.output

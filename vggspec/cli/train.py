@@ -1,0 +1,132 @@
+"""`vggspec train` (section 3.1's recipe, one CPU to many GPUs under torchrun) and `vggspec data digits`.
+
+torch is imported only inside the commands.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from ..train.config import RESUMABLE_OVERRIDES
+from .common import set_option, spec_argument
+
+
+def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    from ..errors import VggspecError
+    from ..train.augment import parse_scale
+
+    if value is None:
+        return None
+    try:
+        return parse_scale(value)
+    except VggspecError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+@click.command()
+@spec_argument
+@click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*.")
+@click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None,
+              help="Run folder: model.safetensors, state.pt, metrics.jsonl, metrics.png. Default runs/<spec name>.")
+@click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
+              help="Training scale: fixed S (256) or jittered per image (256:512). Default: input side x 256/224.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Global batch, over all processes.")
+@click.option("--accumulate", type=click.IntRange(1), default=1, show_default=True,
+              help="Split each batch into N micro-batches whose gradients add up (for memory).")
+@click.option("--lr", type=float, default=1e-2, show_default=True, help="Learning rate (1e-3 to fine-tune).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=74, show_default=True)
+@click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
+              help="Epochs without a better val accuracy before the rate is divided by 10 (at most 3 times).")
+@click.option("--init-from", metavar="CKPT", default=None, help="Initialise from a shallower net (the paper's A).")
+@click.option("--weights", metavar="CKPT", default=None, help="Start from these weights (fine-tuning).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
+@click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
+              help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
+@click.option("--resume", "resume", metavar="RUNDIR", default=None, help="Continue the run in RUNDIR where it stopped.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
+@click.option("--lighting", type=click.FloatRange(0), default=0.1, show_default=True,
+              help="Std of AlexNet's PCA colour shift (0 turns it off).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compile", is_flag=True, help="torch.compile the model.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast.")
+@click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on GPUs).")
+@click.option("--progress/--no-progress", default=True, help="The per-epoch progress bar.")
+@set_option
+@click.pass_context
+def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None, sets: tuple[str, ...],
+          **options: object) -> None:
+    """Train SPEC's generated PyTorch module on an image folder with the paper's recipe.
+
+    Under torchrun (`torchrun --nproc-per-node N -m vggspec train ...`) each process is one DDP rank;
+    the global batch stays --batch-size and only rank 0 writes files. Fine-tuning at a lower rate, as the
+    paper started S=384 from S=256: `vggspec train D --data DIR --weights runs/d256/model.safetensors
+    --scale 384 --lr 1e-3 -o runs/d384`.
+    """
+    from ..train import TrainConfig
+    from ..train import train as run
+
+    if resume and rundir and rundir != resume:
+        raise click.UsageError("--resume RUNDIR trains into RUNDIR; leave out -o or give the same folder")
+    graph_name = _spec_name(spec, sets)
+    rundir = resume or rundir or f"runs/{graph_name}"
+    config = TrainConfig(spec=spec, sets=sets, rundir=rundir, **options)  # type: ignore[arg-type]
+    overrides = {k: v for k, v in options.items()
+                 if k in RESUMABLE_OVERRIDES and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    overrides["data"] = options["data"]
+    ignored = [k for k in options if k not in RESUMABLE_OVERRIDES and k != "data"
+               and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if resume and ignored:
+        click.echo(f"note: resuming with the run's own settings; ignoring --{ignored[0].replace('_', '-')}", err=True)
+    with warnings.catch_warnings():
+        # Skipped images and the like: one plain line each, not Python's file:line warning format.
+        warnings.showwarning = lambda message, *_: click.echo(f"warning: {message}", err=True)
+        last = run(config, resume=resume is not None, overrides=overrides)
+    if last and _is_rank0():
+        click.echo(f"{rundir}: epoch {last['epoch']}, val top-1 error {100 * last['val_top1_err']:.2f}%, "
+                   f"top-5 {100 * last['val_top5_err']:.2f}%; model in {rundir}/model.safetensors")
+
+
+def _spec_name(spec: str, sets: tuple[str, ...]) -> str:
+    from .common import load_graph
+
+    return load_graph(spec, sets).meta.name
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+@click.group()
+def data() -> None:
+    """Data sets for training."""
+
+
+@data.command()
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--size", type=click.IntRange(8), default=32, show_default=True, help="Side of the written images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified 70/15/15 split.")
+@click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
+def digits(out: str, size: int, seed: int, force: bool) -> None:
+    """Write scikit-learn's 1797 handwritten digits (8x8 scans, bundled) as DIR/{train,val,test}/<digit>/*.png."""
+    from ..train.digits import write_digits
+
+    counts = write_digits(out, size=size, seed=seed, force=force)
+    listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+    click.echo(f"wrote {out}: {listed} images, {size}x{size} grayscale")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(train)
+    main.add_command(data)

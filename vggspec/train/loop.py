@@ -1,0 +1,359 @@
+"""The training loop: section 3.1's recipe on the module the torch backend generates.
+
+SGD with momentum and weight decay, a global batch built from gradient-accumulation micro-batches
+(and split over DDP ranks), the learning rate divided by 10 when validation accuracy stops improving
+(at most `max_decreases` times), checkpoints every epoch and every `save_every` steps, and a clean stop
+on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, VggspecError
+from ..graph import LayerGraph, Preprocessing
+from . import distributed as D
+from .augment import Augment, CenterEval, Lighting, check_scale
+from .config import TrainConfig
+from .data import GlobalBatchSampler, ImageDataset, Split, channel_stats, collate, eval_batches, scan_folder
+from .plot import append_metrics, keep_epochs, plot_metrics, read_metrics
+from .progress import EpochBar
+from .state import Progress, capture_rng, has_run, load_state, restore_rng, save_model, save_state
+
+# Decoded images kept in memory (half for train, half for val): small sets skip file I/O each epoch.
+PRELOAD_BYTES = 1 << 30
+
+
+class TrainingError(VggspecError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint stays in RUNDIR."""
+
+
+def identity(graph: LayerGraph, sets: tuple[str, ...]) -> str:
+    """What a resumed run must match: the spec text and its --set overrides."""
+    return graph.meta.spec_text + "".join(f"\n# --set {s}" for s in sets)
+
+
+def default_scale(graph: LayerGraph) -> tuple[int, int]:
+    """The paper's S = 256 for 224 crops, in proportion to the spec's input side."""
+    s = round(max(graph.meta.input_shape[1:]) * 256 / 224)
+    return s, s
+
+
+def set_deterministic() -> None:
+    # cuBLAS needs this before its first use to be reproducible; harmless on the CPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; returns the last epoch's metrics. Call under torchrun for DDP."""
+    world = D.setup(config.device)
+    try:
+        return Trainer(config, world, resume, overrides or {}).run()
+    finally:
+        D.teardown(world)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, world: D.World, resume: bool, overrides: dict[str, Any]) -> None:
+        from .. import load_spec
+
+        self.world = world
+        self.graph = load_spec(config.spec, config.sets)
+        self.rundir = Path(config.rundir)
+        self.state = self._resume_state(config, resume)
+        if self.state is not None:
+            config = TrainConfig.from_dict({**self.state["config"], **overrides})
+        self.config = config
+        if config.deterministic:
+            set_deterministic()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self._check_data()  # every input problem surfaces before a model is built
+        if world.main:
+            self.rundir.mkdir(parents=True, exist_ok=True)
+        self._seed()
+        self.pre, self.lighting = self._statistics()
+        self.model = self._build_model()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=0.1, patience=config.patience,
+            min_lr=config.lr * 0.1 ** config.max_decreases)  # the floor caps the number of decreases
+        self.progress = Progress()
+        self.saved_step = 0
+        if self.state is not None:
+            self._restore(self.state)
+        self.net = self._wrap()
+
+    # --- setup -------------------------------------------------------------------------------
+    def _resume_state(self, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+        if resume:
+            return load_state(self.rundir, identity(self.graph, config.sets))
+        if has_run(self.rundir):
+            raise VggspecError("already holds a training run", str(self.rundir),
+                               "continue it with --resume, or train into another -o folder")
+        return None
+
+    def _check_data(self) -> None:
+        c, w = self.config, self.world.size
+        self.train_split, self.val_split = scan_folder(c.data, self.graph.meta.classes)
+        self.scale = c.scale or default_scale(self.graph)
+        check_scale(self.scale, self.graph.meta.input_shape[1:])
+        if c.batch_size < 1 or c.accumulate < 1 or c.batch_size % (w * c.accumulate):
+            raise VggspecError(f"batch size {c.batch_size} does not split into {w} process(es) x "
+                               f"{c.accumulate} accumulation step(s)",
+                               hint="the global batch must be divisible by world size x --accumulate")
+        if len(self.train_split) < c.batch_size:
+            raise DataError(f"the training set has {len(self.train_split)} images, fewer than one batch of "
+                            f"{c.batch_size}", str(self.train_split.root), "use a smaller --batch-size")
+
+    def _seed(self) -> None:
+        s = self.config.seed
+        random.seed(s)
+        np.random.seed(s)
+        # Ranks draw different dropout masks; the weights come from the numpy initialisation.
+        torch.manual_seed(s + 7919 * self.world.rank)
+
+    def _statistics(self) -> tuple[Preprocessing, Lighting | None]:
+        """The training set's mean (stored in the checkpoint) and its colour PCA, or the saved ones."""
+        meta, c = self.graph.meta, self.graph.meta.input_shape[0]
+        if self.state is not None:
+            mean, cov = np.array(self.state["stats"]["mean"]), np.array(self.state["stats"]["cov"])
+        else:
+            mean, cov = channel_stats(self.train_split, c, meta.preprocessing.scale, seed=self.config.seed)
+        self.stats = {"mean": mean.tolist(), "cov": cov.tolist()}
+        std = tuple(meta.preprocessing.std) if len(meta.preprocessing.std) == c else (1.0,) * c
+        pre = Preprocessing(scale=meta.preprocessing.scale, mean=tuple(float(m) for m in mean), std=std,
+                            channel_order=meta.preprocessing.channel_order, layout=meta.preprocessing.layout)
+        eigval, eigvec = np.linalg.eigh(cov)
+        if self.config.lighting <= 0:
+            return pre, None
+        return pre, Lighting(np.clip(eigval, 0, None), eigvec, self.config.lighting)
+
+    def _initial_weights(self) -> dict[str, np.ndarray] | None:
+        from ..weights import check_tensors, load_checkpoint
+
+        c = self.config
+        if c.weights:
+            ckpt = load_checkpoint(c.weights)
+            check_tensors(self.graph, ckpt.tensors, c.weights)
+            return ckpt.tensors
+        if c.init_from:  # the paper's deeper nets: layers of a shallower net, the rest random
+            from ..weights.shallow import init_from_checkpoint
+
+            return init_from_checkpoint(self.graph, c.init_from, self.graph.meta.init, c.seed)
+        return None
+
+    def _build_model(self) -> torch.nn.Module:
+        from ..backends.torch import to_torch
+
+        weights = None if self.state is not None else self._initial_weights()
+        model = to_torch(self.graph, weights=weights, seed=self.config.seed, init=self.graph.meta.init)
+        if self.state is not None:
+            model.load_state_dict(self.state["model"])
+        model = model.to(self.world.device)
+        if self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model.train()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        p = state["progress"]
+        self.progress = Progress(p["epoch"], p["step"], p["global_step"], dict(p["sums"]))
+        self.saved_step = self.progress.global_step
+        restore_rng(state["rng"])
+        if self.world.rank:  # other ranks keep their own dropout streams, derived from rank 0's
+            torch.manual_seed(int(torch.randint(0, 2**62, ())) + 7919 * self.world.rank)
+        if self.world.main:
+            keep_epochs(self.rundir, self.progress.epoch)
+
+    def _wrap(self) -> torch.nn.Module:
+        net: torch.nn.Module = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.world.local_rank] if self.world.device.type == "cuda" else None
+            net = DistributedDataParallel(net, device_ids=ids)
+        if self.config.compile:
+            net = torch.compile(net)
+        return net
+
+    def _ddp(self) -> Any:
+        net = getattr(self.net, "_orig_mod", self.net)  # torch.compile keeps the wrapped module here
+        return net if hasattr(net, "no_sync") else None
+
+    # --- data --------------------------------------------------------------------------------
+    def _transforms(self) -> tuple[Augment, CenterEval]:
+        c, (ch, h, w) = self.config, self.graph.meta.input_shape
+        common = dict(channels=ch, pixel_scale=self.pre.scale, mean=self.pre.mean, std=self.pre.std)
+        train = Augment(crop=(h, w), scale=self.scale, flip=c.flip, lighting=self.lighting, **common)
+        q = (self.scale[0] + self.scale[1]) // 2  # the paper's test scale for a jittered S
+        return train, CenterEval(crop=(h, w), size=q, **common)
+
+    def _dataset(self, split: Split, transform: Any) -> ImageDataset:
+        dataset = ImageDataset(split, transform, self.graph.meta.input_shape[0], self.config.seed)
+        dataset.preload(PRELOAD_BYTES // 2)
+        return dataset
+
+    def _loader(self, dataset: ImageDataset, batches: Any) -> torch.utils.data.DataLoader:
+        # A private generator: the loader must not draw from the global RNG that dropout uses,
+        # or a resumed run would see other dropout masks than an uninterrupted one.
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=self.config.workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            pin_memory=self.world.device.type == "cuda")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        train_tf, eval_tf = self._transforms()
+        train_set = self._dataset(self.train_split, train_tf)
+        self.val_set = self._dataset(self.val_split, eval_tf)
+        last: dict[str, Any] = {}
+        while self.progress.epoch < self.config.epochs:
+            self._train_epoch(train_set)
+            last = self._end_epoch()
+        return last
+
+    def _autocast(self) -> Any:
+        if not self.config.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.world.device.type, dtype=torch.bfloat16)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.world.device, non_blocking=True)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.world.device, non_blocking=True)
+
+    def _train_epoch(self, dataset: ImageDataset) -> None:
+        c, p, w = self.config, self.progress, self.world
+        sampler = GlobalBatchSampler(len(self.train_split), c.batch_size, w.rank, w.size, c.accumulate,
+                                     c.seed, p.epoch, start=p.step)
+        bar = EpochBar(w.main and c.progress)
+        bar.start(p.epoch + 1, c.epochs, sampler.steps, p.step)
+        ddp, step_sums, t0 = self._ddp(), [0.0, 0.0, 0.0, 0.0], time.perf_counter()
+        try:
+            for i, (x, y, skipped) in enumerate(self._loader(dataset, sampler)):
+                last_micro = (i + 1) % c.accumulate == 0
+                sync = nullcontext() if ddp is None or last_micro else ddp.no_sync()
+                with sync:
+                    loss_sum, correct, count = self._micro_step(x, y)
+                step_sums = [a + b for a, b in zip(step_sums, (loss_sum, correct, count, skipped), strict=False)]
+                if last_micro:
+                    elapsed = time.perf_counter() - t0
+                    self._optimizer_step(step_sums, elapsed)
+                    bar.update(p.sums["loss"] / max(p.sums["count"], 1), step_sums[2] / max(elapsed, 1e-9))
+                    step_sums, t0 = [0.0, 0.0, 0.0, 0.0], time.perf_counter()
+        finally:
+            bar.stop()
+
+    def _micro_step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> tuple[float, float, float]:
+        """Forward and backward on one micro-batch; the loss is scaled so the step's gradient is the batch mean."""
+        if x is None:  # every image of this micro-batch was unreadable
+            if self._ddp() is None:
+                return 0.0, 0.0, 0.0
+            # DDP needs every rank in the gradient all-reduce: a zero-gradient backward keeps it in step.
+            x = torch.zeros((1, *self.graph.meta.input_shape), device=self.world.device)
+            with self._autocast():
+                (self.net(x).float().sum() * 0).backward()
+            return 0.0, 0.0, 0.0
+        x, y = self._to_device(x, y)
+        with self._autocast():
+            logits = self.net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        (loss / self.config.accumulate).backward()
+        n = len(y)
+        return loss.item() * n, float((logits.argmax(1) == y).sum()), float(n)
+
+    def _optimizer_step(self, sums: list[float], elapsed: float) -> None:
+        loss_sum, correct, count, skipped = D.all_sum(self.world, *sums)
+        p = self.progress
+        if not np.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = (f"the last good checkpoint (global step {self.saved_step}) is in {self.rundir}"
+                    if self.saved_step else "no checkpoint had been written yet")
+            raise TrainingError(
+                f"the loss became {loss_sum / max(count, 1):.4g} at epoch {p.epoch + 1}, step {p.step + 1}; "
+                f"training stopped; {kept}",
+                hint="lower --lr (or check the data); --resume continues from the last checkpoint")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        p.global_step += 1
+        for key, value in zip(("loss", "correct", "count", "skipped", "seconds"),
+                              (loss_sum, correct, count, skipped, elapsed), strict=False):
+            p.sums[key] += value
+        if self.config.save_every and p.global_step % self.config.save_every == 0:
+            self.save()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and top-1 / top-5 error at the centre crop, summed over ranks."""
+        self.model.eval()
+        w, k = self.world, min(5, self.graph.meta.classes)
+        batches = eval_batches(len(self.val_split), self.config.batch_size // self.config.accumulate, w.rank, w.size)
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for x, y, _ in self._loader(self.val_set, batches):
+            if x is None:
+                continue
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                logits = self.model(x).float()
+            top = logits.topk(k, 1).indices
+            sums = [a + b for a, b in zip(sums, (F.cross_entropy(logits, y, reduction="sum").item(),
+                                                 float((top[:, 0] == y).sum()),
+                                                 float((top == y[:, None]).any(1).sum()), float(len(y))), strict=False)]
+        self.model.train()
+        loss, top1, top5, n = D.all_sum(w, *sums)
+        n = max(n, 1)
+        return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n}
+
+    def _end_epoch(self) -> dict[str, Any]:
+        p = self.progress
+        val = self.evaluate()
+        s = p.sums
+        row = {"epoch": p.epoch + 1, "step": p.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": s["loss"] / max(s["count"], 1), "train_top1_err": 1 - s["correct"] / max(s["count"], 1),
+               **val, "images_per_s": s["count"] / max(s["seconds"], 1e-9), "seconds": s["seconds"],
+               "skipped": int(s["skipped"])}
+        self.scheduler.step(1 - val["val_top1_err"])
+        if self.world.main:
+            if row["skipped"]:
+                warnings.warn(f"epoch {row['epoch']}: {row['skipped']} unreadable training images skipped",
+                              stacklevel=2)
+            append_metrics(self.rundir, row)
+            plot_metrics(self.rundir, read_metrics(self.rundir), self.graph.meta.name)
+        self.progress = Progress(p.epoch + 1, 0, p.global_step)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        """Rank 0 writes state.pt (everything a resume needs) and then model.safetensors, both atomically."""
+        p = self.progress
+        self.saved_step = p.global_step
+        if not self.world.main:
+            return
+        payload = {
+            "spec_text": identity(self.graph, self.config.sets), "config": self.config.to_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "stats": self.stats, "classes": list(self.train_split.classes),
+            "progress": {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "sums": dict(p.sums)},
+            "rng": capture_rng(),
+        }
+        save_state(self.rundir, payload)
+        extra = {"train.epoch": str(p.epoch), "train.step": str(p.global_step),
+                 "train.world_size": str(self.world.size)}
+        save_model(self.rundir, self.model, self.graph, self.pre, self.train_split.classes, extra, self.config.sets)
