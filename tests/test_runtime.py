@@ -32,7 +32,7 @@ from vggspec.runtime import (
     rescale,
 )
 from vggspec.runtime.preprocess import to_array
-from vggspec.runtime.session import Preprocess, check_provider, create_session
+from vggspec.runtime.session import Preprocessing, check_provider, create_session
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 CLASSES = 4
@@ -143,12 +143,12 @@ def test_grid_crops_are_the_5x5_grid_then_mirrors():
 def test_normalise_matches_reference_and_channel_order():
     rng = np.random.default_rng(1)
     batch = rng.integers(0, 255, (2, 4, 5, 3), dtype=np.uint8)
-    prep = Preprocess(1 / 255, MEAN, STD)
+    prep = Preprocessing(1 / 255, MEAN, STD)
     ref = ((batch / 255 - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(normalise(batch, prep), ref, atol=1e-5)
-    bgr = normalise(batch, Preprocess(1.0, (1, 2, 3), (1, 1, 1), "BGR"))
+    bgr = normalise(batch, Preprocessing(1.0, (1, 2, 3), (1, 1, 1), "BGR"))
     np.testing.assert_allclose(bgr[:, 0], batch[..., 2] - 1.0)
-    assert normalise(batch, Preprocess(layout="NHWC")).shape == (2, 4, 5, 3)
+    assert normalise(batch, Preprocessing(layout="NHWC")).shape == (2, 4, 5, 3)
 
 
 def test_rescale_is_isotropic_smallest_side_q():

@@ -8,37 +8,8 @@ from typing import Any
 
 import networkx as nx
 
+from ..preprocessing import Preprocessing
 from .layer import Layer
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What turns decoded RGB pixels (0..255) into the network's input: (x * scale - mean) / std."""
-
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "channel_order": self.channel_order,
-            "layout": self.layout,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            float(d.get("scale", 1 / 255)),
-            tuple(map(float, d["mean"])),
-            tuple(map(float, d["std"])),
-            d.get("channel_order", "RGB"),
-            d.get("layout", "NCHW"),
-        )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .fuse import build_fused, fuse
 from .heatmap import heatmap
 from .preprocess import crop_positions, grid_crops, load_image, normalise, preprocess, rescale
 from .protocols import PROTOCOLS, Member, Protocol, Runner, default_scales, top_k
-from .session import DEVICES, Model, ModelInfo, Overrides, Preprocess, create_session, read_info
+from .session import DEVICES, Model, ModelInfo, Overrides, Preprocessing, create_session, read_info
 
 
 def load(path: str | Path, device: str = "auto", threads: int | None = None, **overrides: object) -> Model:
@@ -41,7 +41,7 @@ def predict(models: Model | Sequence[Model], image: str | Path, protocol: str | 
 
 
 __all__ = [
-    "DEVICES", "PROTOCOLS", "Member", "Model", "ModelInfo", "Overrides", "Preprocess", "Protocol", "Report",
+    "DEVICES", "PROTOCOLS", "Member", "Model", "ModelInfo", "Overrides", "Preprocessing", "Protocol", "Report",
     "Runner", "build_fused", "create_session", "crop_positions", "default_scales", "evaluate", "fuse",
     "grid_crops", "heatmap", "list_dataset", "load", "load_image", "normalise", "predict", "preprocess",
     "read_info", "rescale", "top_k",

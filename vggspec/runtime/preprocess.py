@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .session import ModelInfo, Preprocess
+from .session import ModelInfo, Preprocessing
 
 
 def _pil() -> Any:
@@ -137,7 +137,7 @@ def mirror(batch: np.ndarray) -> np.ndarray:
     return batch[:, :, ::-1]
 
 
-def normalise(batch: np.ndarray, prep: Preprocess) -> np.ndarray:
+def normalise(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 N x H x W x C -> float32 in the model's layout: (pixel * scale - mean) / std, mean in model order."""
     x = batch.astype(np.float32)
     if prep.channel_order == "BGR" and x.shape[-1] == 3:

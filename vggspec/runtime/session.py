@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
+from ..preprocessing import Preprocessing
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -30,29 +31,6 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(u
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    """How decoded pixels (0..255) become the input: (pixel * scale - mean) / std, in `channel_order`."""
-
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
-
-    @classmethod
-    def from_json(cls, text: str) -> Preprocess:
-        d = json.loads(text)
-        return cls(
-            float(d.get("scale", 1 / 255)), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
-            str(d.get("channel_order", "RGB")).upper(), str(d.get("layout", "NCHW")).upper(),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std),
-                "channel_order": self.channel_order, "layout": self.layout}
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """What the runtime needs to know about a model: the vggspec metadata plus the graph's real IO."""
 
@@ -61,7 +39,7 @@ class ModelInfo:
     classes: int
     input_size: tuple[int, int]  # H, W: the crop size, and the minimum size of a dense model
     channels: int
-    preprocessing: Preprocess
+    preprocessing: Preprocessing
     labels: tuple[str, ...] = ()
     fully_conv: bool = False
     flip: bool = False  # the graph averages the image and its mirror itself
@@ -245,7 +223,7 @@ def _from_metadata(meta: dict[str, str], path: str) -> ModelInfo:
     return ModelInfo(
         path=path, name=meta.get("vggspec.name", Path(path).stem), classes=int(meta.get("vggspec.classes", 0) or 0),
         input_size=(int(size[0]), int(size[1])), channels=int(meta.get("vggspec.channels", "3")),
-        preprocessing=Preprocess.from_json(meta["vggspec.preprocessing"]), labels=tuple(map(str, labels)),
+        preprocessing=Preprocessing.from_json(meta["vggspec.preprocessing"]), labels=tuple(map(str, labels)),
         fully_conv=_flag(meta, "fully_conv"), flip=_flag(meta, "flip"),
         embedded_preprocessing=_flag(meta, "embedded_preprocessing"), scores=_flag(meta, "scores"),
         precision=meta.get("vggspec.precision", "fp32"), has_metadata=True,
@@ -267,7 +245,7 @@ def _from_shape(shape: list[Any], dtype: Any, path: str, ov: Overrides) -> Model
     mean, std = ov.mean or (0.0,), ov.std or (1.0,)
     return ModelInfo(
         path=path, name=Path(path).stem, classes=0, input_size=size, channels=channels,
-        preprocessing=Preprocess(ov.scale if ov.scale is not None else 1 / 255, mean, std),
+        preprocessing=Preprocessing(ov.scale if ov.scale is not None else 1 / 255, mean, std),
         fully_conv=not (_static(h) and _static(w)), embedded_preprocessing=nhwc, has_metadata=False,
         probs_are_logits=True,
     )
