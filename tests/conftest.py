@@ -25,16 +25,13 @@ BLOCK_TORCH = textwrap.dedent(
 )
 
 
+def _python(args: list[str], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def _run_without_torch(code: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter where torch cannot be imported."""
-    script = BLOCK_TORCH + textwrap.dedent(code)
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return _python(["-c", BLOCK_TORCH + textwrap.dedent(code)], cwd, timeout)
 
 
 @pytest.fixture
@@ -48,13 +45,7 @@ def _vggspec_cli(*args: str, cwd: Path | None = None, without_torch: bool = Fals
         code = f"import sys, runpy\nsys.argv = ['vggspec', *{list(args)!r}]\n"
         code += "runpy.run_module('vggspec', run_name='__main__')"
         return _run_without_torch(code, cwd=cwd, timeout=timeout)
-    return subprocess.run(
-        [sys.executable, "-m", "vggspec", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return _python(["-m", "vggspec", *args], cwd, timeout)
 
 
 @pytest.fixture
