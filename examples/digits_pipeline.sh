@@ -32,7 +32,7 @@ end=$(date +%s.%N)
 awk -v s="$start" -v e="$end" 'BEGIN { printf "training wall time: %.1f s\n", e - s }'
 
 $VGGSPEC export --weights "$RUN/model.safetensors" -o "$RUN/digits.onnx"
-$VGGSPEC export --weights "$RUN/model.safetensors" --fully-conv -o "$RUN/digits_dense.onnx"
+$VGGSPEC export --weights "$RUN/model.safetensors" --fully-conv --scores -o "$RUN/digits_dense.onnx"
 # Multi-crop at Q = 32 (the crops coincide with the image), and dense at one and three scales.
 $VGGSPEC eval "$RUN/digits.onnx" --data "$DATA/test" --no-flip --scales 32
 $VGGSPEC eval "$RUN/digits_dense.onnx" --data "$DATA/test" --no-flip --scales 32 --scales 32,34,36

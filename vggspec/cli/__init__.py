@@ -23,10 +23,4 @@ def main() -> None:
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as exc:  # a command family not built yet
-        if exc.name != f"{__name__}.{_name}":
-            raise
-        continue
-    _module.register(main)
+    importlib.import_module(f"{__name__}.{_name}").register(main)
