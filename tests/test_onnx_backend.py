@@ -406,7 +406,7 @@ def test_bad_weights_name_the_first_mismatch_and_write_nothing(tmp_path, small):
     ({"precision": "int8"}, VggspecError, "calibration"),
     ({"precision": "int8", "calibration": "missing"}, DataError, "does not exist"),
     ({"precision": "int8", "calibration": "empty"}, DataError, "no images"),
-    ({"precision": "int8", "calibration": "junk"}, DataError, "cannot decode"),
+    ({"precision": "int8", "calibration": "junk"}, DataError, "not an image"),
     ({"calibration": "empty"}, VggspecError, "only used by int8"),
     ({"opset": 9}, VggspecError, "opset 9"),
     ({"labels": ["a", "b"]}, VggspecError, "2 labels for 7 classes"),
