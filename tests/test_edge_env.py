@@ -1,0 +1,134 @@
+"""An edge box: a real virtual environment holding exactly what `vggspec[cpu]` installs, and no torch.
+
+The environment is assembled from this interpreter's installed distributions (no network): the
+requirement closure of vggspec's core dependencies plus onnxruntime, linked into a fresh venv.
+Export, predict, eval and fuse then run there as separate processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import venv
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "name: edge\ninput: 32x32x3\nclasses: 3\nconv3-8 maxpool conv3-16 maxpool FC-16 FC-3 soft-max\n"
+
+
+def requirement_closure(names: list[str]) -> set[str]:
+    """Distribution names needed by `names`, following their non-extra requirements."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for text in metadata.distribution(name).requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def top_level_entries(dist_name: str) -> set[str]:
+    files = metadata.distribution(dist_name).files or []
+    return {
+        f.parts[0]
+        for f in files
+        if f.parts and f.parts[0] not in ("..", "__pycache__") and not str(f).startswith("../")
+    }
+
+
+@pytest.fixture(scope="module")
+def edge_python(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("edge")
+    core = [
+        Requirement(r).name for r in metadata.distribution("vggspec").requires or [] if Requirement(r).marker is None
+    ]
+    dists = requirement_closure([*core, "onnxruntime"])
+    assert not {"torch", "torchvision"} & dists
+    site = base / "site"
+    site.mkdir()
+    source = Path(np.__file__).resolve().parents[1]
+    for dist in dists:
+        for entry in top_level_entries(dist):
+            if (source / entry).exists() and not (site / entry).exists():
+                (site / entry).symlink_to(source / entry)
+    env = base / "venv"
+    venv.EnvBuilder(with_pip=False).create(env)
+    python = env / "bin" / "python"
+    purelib = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+    )
+    Path(purelib.strip(), "edge.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n{ROOT}\n")
+    return python
+
+
+def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(python), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_edge_environment_has_no_torch(edge_python, tmp_path):
+    out = run(edge_python, "-c", "import torch", cwd=tmp_path)
+    assert out.returncode != 0 and "No module named 'torch'" in out.stderr
+
+
+def test_export_predict_eval_fuse_without_torch(edge_python, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "edge.vgg").write_text(SPEC)
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / cls / f"{i}.png"
+            )
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    cli = ("-m", "vggspec")
+    for args in (
+        ("export", "edge.vgg", "-o", "std.onnx"),
+        ("export", "edge.vgg", "--fully-conv", "--flip", "-o", "dense.onnx"),
+        ("export", "edge.vgg", "--fully-conv", "--flip", "--seed", "1", "-o", "dense1.onnx"),
+        ("fuse", "dense.onnx", "dense1.onnx", "-o", "ens.onnx"),
+    ):
+        done = run(edge_python, *cli, *args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    done = run(edge_python, *cli, "predict", "ens.onnx", "data/a/0.png", "--scales", "32,40", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[0])
+    assert result["provider"] == "CPUExecutionProvider" and len(result["top"]) == 3
+    assert abs(sum(p["probability"] for p in result["top"]) - 1) < 1e-4  # all three classes: posteriors sum to 1
+    done = run(
+        edge_python,
+        *cli,
+        "eval",
+        "std.onnx",
+        "--dense-model",
+        "dense.onnx",
+        "--data",
+        "data",
+        "--labels",
+        "labels.txt",
+        "--protocol",
+        "dense",
+        "--protocol",
+        "multi-crop",
+        "--protocol",
+        "combined",
+        "--scales",
+        "32,40",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert {"dense", "multi-crop", "combined"} <= {r["protocol"] for r in rows["rows"]}
