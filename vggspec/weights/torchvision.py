@@ -173,8 +173,9 @@ def _reason(exc: Exception) -> str:
     """torch's errors run to paragraphs: keep the unpickler's complaint, or the first sentence."""
     text = str(exc).strip()
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    reason = found.group(1) if found else text.split(". ")[0]
-    return " ".join(reason.split()) or type(exc).__name__
+    reason = " ".join((found.group(1) if found else text.split(". ")[0]).split())
+    # Some unpickler errors carry only a number (the bad magic); the type says more than that.
+    return reason if re.search(r"[A-Za-z]", reason) else f"not a PyTorch file ({type(exc).__name__} {reason})"
 
 
 def _numpy(value: Any) -> np.ndarray:
