@@ -250,3 +250,18 @@ def test_edge_example_without_torch(run_without_torch, models, images):
     assert r.returncode == 0, r.stderr
     out = r.stdout.split("onnxruntime only")
     assert len(out) == 2 and out[0].split("CPUExecutionProvider")[1].strip() == out[1].strip()
+
+
+def test_combined_from_a_checkpoint(vggspec_cli, graph, models, images, tmp):
+    """A .safetensors MODEL is exported in both forms for the run: the same posteriors as the two .onnx files."""
+    from vggspec.weights import Checkpoint, save_checkpoint
+
+    ckpt = tmp / "tiny.safetensors"
+    save_checkpoint(ckpt, Checkpoint(_weights(graph, 1), SPEC, graph.meta.preprocessing, tuple(LABELS)))
+    args = (str(images["wide"]), "--scales", "32,40", "--json", "--protocol", "combined")
+    from_ckpt = vggspec_cli("predict", str(ckpt), *args, without_torch=True)
+    from_onnx = vggspec_cli("predict", str(models["dense"]), *args, "--crop-model", str(models["std"]))
+    assert from_ckpt.returncode == 0 and from_onnx.returncode == 0, from_ckpt.stderr + from_onnx.stderr
+    a, b = json.loads(from_ckpt.stdout), json.loads(from_onnx.stdout)
+    assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+    assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-6)

@@ -125,11 +125,31 @@ def load_members(model: str, dense_model: str | None, crop_model: str | None, en
     def load(path: str) -> Model:
         return Model(path, device=device, threads=threads, overrides=overrides)
 
-    first = [load(model)] + [load(p) for p in (dense_model, crop_model) if p]
+    paths = checkpoint_models(model) if model.endswith(".safetensors") else [model]
+    first = [load(p) for p in paths] + [load(p) for p in (dense_model, crop_model) if p]
     members = [Member.of(*first)]
     for entry in ensemble:
         members += [Member.of(load(p.strip())) for p in entry.split(",") if p.strip()]
     return members
+
+
+def checkpoint_models(checkpoint: str) -> list[str]:
+    """Both forms of a vggspec checkpoint, exported (without torch) into a folder that lives as long
+    as the command: the paper's combined protocol needs the standard and the dense network."""
+    import shutil
+    import tempfile
+
+    from ..backends.onnx import export_onnx
+    from ..weights import checkpoint_graph, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    graph = checkpoint_graph(ckpt, checkpoint)
+    folder = Path(tempfile.mkdtemp(prefix="vggspec-predict-"))
+    click.get_current_context().call_on_close(lambda: shutil.rmtree(folder, ignore_errors=True))
+    common = {"weights": ckpt.tensors, "labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
+    export_onnx(graph, folder / "standard.onnx", **common)
+    export_onnx(graph, folder / "dense.onnx", fully_conv=True, scores=True, **common)
+    return [str(folder / "standard.onnx"), str(folder / "dense.onnx")]
 
 
 def build_protocols(names: Sequence[str], scale_sets: Sequence[str], flip: bool,
@@ -156,7 +176,7 @@ def _error_line(path: str, message: str) -> None:
 
 
 @click.command()
-@click.argument("model", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
 @click.option("--protocol", type=PROTOCOL_CHOICE, default=None,
               help="dense (fully conv model), multi-crop (5x5 grid + mirrors), combined (their average). "
@@ -173,7 +193,10 @@ def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: s
             heatmap: str | None, dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...],
             flip: bool, device: str, threads: int | None, batch_size: int, labels: str | None, size: str | None,
             mean: str | None, std: str | None, scale: float | None) -> None:
-    """Classify images with MODEL.onnx on onnxruntime, with the paper's testing protocols (section 3.2).
+    """Classify images with MODEL on onnxruntime, with the paper's testing protocols (section 3.2).
+
+    MODEL is an .onnx file, or a vggspec checkpoint (.safetensors), from which both forms are
+    exported for the run (the combined protocol needs both).
 
     A file that cannot be used gets one line on stderr naming it and why; the others are still
     classified, and the exit status is 1 when any failed.
@@ -256,7 +279,7 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
 
 
 @click.command(name="eval")
-@click.argument("model", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
               help="Labelled images: DIR/<class>/<image>; classes in sorted folder order unless the model has labels.")
 @click.option("--protocol", "protocols", type=PROTOCOL_CHOICE, multiple=True,
@@ -271,7 +294,8 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
              dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...], flip: bool, device: str,
              threads: int | None, batch_size: int, labels: str | None, size: str | None, mean: str | None,
              std: str | None, scale: float | None) -> None:
-    """Top-1 and top-5 error of MODEL.onnx over a labelled image folder, one row per protocol and scale set."""
+    """Top-1 and top-5 error of MODEL (.onnx, or a .safetensors checkpoint: both forms) over a labelled image
+    folder, one row per protocol and scale set."""
     from ..errors import DataError
     from ..runtime import Runner, list_dataset
 
