@@ -64,9 +64,14 @@ class _Builder:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     opset: int = DEFAULT_OPSET
+    arrays: dict[str, np.ndarray] | None = None  # when given, initializers are kept here, not in the proto
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.require(array, requirements="C")  # not ascontiguousarray: it turns 0-d into 1-d
+        if self.arrays is not None:
+            self.arrays[name] = array
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def weight(self, name: str, array: np.ndarray) -> str:
@@ -116,6 +121,8 @@ def export_onnx(
                     preprocessing or graph.meta.preprocessing)
     if precision == "int8":
         model = _quantized(graph, weights, opts, labels, calibration)
+    elif output is not None:
+        return _stream_export(graph, weights, opts, labels, output)
     else:
         model = build_model(graph, weights, opts, labels)
     if output is not None:
@@ -123,6 +130,27 @@ def export_onnx(
     else:
         check_model(model)
     return model
+
+
+def _stream_export(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
+                   output: str | Path) -> onnx.ModelProto:
+    """Write without ever holding the weights in protobuf (onnx_stream), check the file, and return the
+    model's skeleton: its graph and metadata, without initializers (they are in the file)."""
+    from ..atomic import atomic_path
+    from .onnx_stream import write_streamed
+
+    arrays: dict[str, np.ndarray] = {}
+    skeleton = build_model(graph, weights, opts, labels, arrays)
+    if sum(a.nbytes for a in arrays.values()) >= EXTERNAL_DATA_BYTES:
+        model = onnx.ModelProto()
+        model.CopyFrom(skeleton)
+        model.graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in arrays.items())
+        save_model(model, output)
+        return skeleton
+    with atomic_path(check_output_path(output), ".onnx") as tmp:
+        write_streamed(skeleton, arrays.items(), tmp)
+        check_model(tmp)
+    return skeleton
 
 
 def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
@@ -186,10 +214,16 @@ def fold_batch_norm(graph: LayerGraph, weights: dict[str, np.ndarray]) -> dict[s
 
 
 def build_model(
-    graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str]
+    graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """The unchecked ModelProto of a (standard or dense) graph with matching weights."""
-    b = _Builder(TensorProto.FLOAT16 if opts.precision == "fp16" else TensorProto.FLOAT, opset=opts.opset)
+    """The unchecked ModelProto of a (standard or dense) graph with matching weights.
+
+    With `arrays`, the initializers go into that dict (name -> array, in graph order) instead of the
+    proto, for writers that stream them.
+    """
+    body = TensorProto.FLOAT16 if opts.precision == "fp16" else TensorProto.FLOAT
+    b = _Builder(body, opset=opts.opset, arrays=arrays)
     graph_input, x = _input_stage(b, graph, opts)
     if opts.flip:
         x = b.node("Concat", [x, _reverse(b, x, 3, "flip")], "flip_batch", axis=0)

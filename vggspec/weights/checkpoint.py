@@ -65,9 +65,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise WeightsError("no such checkpoint file", str(path))
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        with safe_open(str(path), framework="numpy") as f:  # validates the header and the offsets
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            mapped = _mapped(path)
+            tensors = {k: mapped[k] if k in mapped else f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of bad file
         raise WeightsError(f"not a safetensors checkpoint ({exc})", str(path)) from None
     pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
@@ -96,6 +97,33 @@ def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides:
     graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", stored))
     graph.graph["meta"] = graph.meta.with_(labels=tuple(checkpoint.labels))
     return graph
+
+
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+           "U8": "u1", "BOOL": "?"}
+
+
+def _mapped(path: Path) -> dict[str, np.ndarray]:
+    """The tensors as copy-on-write memory maps of the file, where numpy has their dtype.
+
+    safetensors' numpy API copies each tensor through a bytes object, so loading D briefly holds
+    fc6 (411 MB) twice; a map costs nothing until read and the page cache shares it. The layout
+    is the format's own: an 8-byte little-endian header size, a JSON header, then the data.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__" or entry["dtype"] not in _DTYPES:
+            continue
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end == begin:
+            out[name] = np.zeros(shape, _DTYPES[entry["dtype"]])
+        else:
+            out[name] = np.memmap(path, _DTYPES[entry["dtype"]], "c", 8 + size + begin, shape)
+    return out
 
 
 def check_tensors(graph: LayerGraph, tensors: dict[str, np.ndarray], path: str | None = None) -> None:
