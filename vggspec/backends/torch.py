@@ -25,6 +25,7 @@ torch is imported inside the functions that need it: rendering source needs only
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sys
@@ -61,7 +62,9 @@ def dense_class_name(graph: LayerGraph) -> str:
     return f"{class_name(graph)}Dense"
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
+    """One environment per process: compiling the template is most of a render's cost."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
