@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,17 +11,7 @@ import vggspec
 from vggspec.backends.torch import render_source
 from vggspec.weights import init_weights, load_checkpoint
 
-TINY_A = """\
-name: tiny_a
-input: 32x32x3
-classes: 10
-conv3-8 maxpool
-conv3-16 maxpool
-conv3-32 conv3-32 maxpool
-conv3-64 conv3-64 maxpool
-conv3-64 conv3-64 maxpool
-FC-32 FC-32 FC-10 soft-max
-"""
+TINY_A = (Path(__file__).parent / "data" / "tiny_a.vgg").read_text()
 TINY_B = TINY_A.replace("tiny_a", "tiny_b").replace("conv3-8 ", "conv3-8 conv3-8 ").replace(
     "conv3-16 ", "conv3-16 conv3-16 ")
 

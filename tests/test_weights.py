@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -20,17 +22,7 @@ from vggspec.weights import torchvision as tv
 from vggspec.weights.shallow import init_from_checkpoint, init_from_shallow, layer_pairs
 
 # Narrow versions of configurations A and D: the paper's layer structure, widths / 8, 32 x 32 input.
-TINY_A = """\
-name: tiny_a
-input: 32x32x3
-classes: 10
-conv3-8 maxpool
-conv3-16 maxpool
-conv3-32 conv3-32 maxpool
-conv3-64 conv3-64 maxpool
-conv3-64 conv3-64 maxpool
-FC-32 FC-32 FC-10 soft-max
-"""
+TINY_A = (Path(__file__).parent / "data" / "tiny_a.vgg").read_text()
 TINY_D = TINY_A.replace("tiny_a", "tiny_d").replace("conv3-8 ", "conv3-8 conv3-8 ").replace(
     "conv3-16 ", "conv3-16 conv3-16 ").replace("conv3-32 conv3-32", "conv3-32 conv3-32 conv3-32").replace(
     "conv3-64 conv3-64", "conv3-64 conv3-64 conv3-64")

@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark harness: the timing helpers and the compile section in --quick mode (< 20 s)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.common import Config, interleave, median, paired_ratio, spread
+from benchmarks.report import write_results
+
+
+def test_interleave_rotates_order_and_skips_warmup() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = interleave(fns, reps=3, warmup=1)
+    assert calls == list("abc" + "abc" + "bca" + "cab")  # warm-up round, then rotated rounds
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_ratios_are_medians_of_paired_rounds() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert paired_ratio([2.0, 4.0, 100.0], [1.0, 2.0, 1.0]) == 2.0  # one noisy round does not move it
+    assert spread([1.0]) == 0.0
+    slow = interleave({"slow": lambda: time.sleep(0.02), "fast": lambda: None}, reps=2, warmup=0)
+    assert paired_ratio(slow["slow"], slow["fast"]) > 10
+
+
+@pytest.mark.timeout(60)
+def test_compile_section_quick(tmp_path) -> None:
+    from benchmarks import compile as compile_section
+    from benchmarks.common import describe_machine
+
+    start = time.perf_counter()
+    section = compile_section.run(Config(quick=True, cache=tmp_path))
+    assert time.perf_counter() - start < 20
+    assert not section.error
+    names = [r.metric for r in section.rows]
+    assert "D: spec -> graph -> torch source" in names
+    assert all(isinstance(r.value, float) and r.value > 0 for r in section.rows)
+    out = write_results([section], describe_machine(), quick=True, path=tmp_path / "RESULTS.md")
+    text = out.read_text()
+    assert "CPU:" in text and "| D: spec -> graph -> torch source |" in text
