@@ -52,3 +52,20 @@ def test_mapped_checkpoint_reads_back_and_stays_private(tmp_path):
         assert loaded[key].shape == value.shape and np.array_equal(loaded[key], value)
     loaded["conv1_1.weight"][...] = 0  # copy-on-write: the file keeps its values
     assert np.array_equal(load_checkpoint(path).tensors["conv1_1.weight"], weights["conv1_1.weight"])
+
+
+def test_graph_check_sees_the_weights_shapes():
+    """The checker runs on the skeleton with the weights as typed inputs: a wrong shape still fails it."""
+    import pytest
+
+    from vggspec.backends.onnx import _Options, build_model, check_graph
+    from vggspec.errors import ModelError
+
+    graph = vggspec.loads_spec(SPEC)
+    arrays: dict[str, np.ndarray] = {}
+    opts = _Options(False, False, False, False, "fp32", 17, graph.meta.preprocessing)
+    skeleton = build_model(graph, init_weights(graph), opts, (), arrays)
+    check_graph(skeleton, arrays)
+    arrays["fc4.weight"] = np.zeros((16, 7), np.float32)
+    with pytest.raises(ModelError, match="fails onnx.checker"):
+        check_graph(skeleton, arrays)
