@@ -28,7 +28,8 @@ def _size(path: Path) -> str:
 @click.option("--flip", is_flag=True, help="Also run the horizontally flipped image and average the posteriors.")
 @click.option("--scores", is_flag=True, help="Add a second output, `scores`: the class score map (N, classes, h, w).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="fp16 keeps float32 inputs and outputs; int8 is static QDQ quantization (needs --calibration).")
+              help="fp16 keeps float32 inputs and outputs (for GPUs and ARM: x86 CPUs compute it in fp32); "
+                   "int8 is static QDQ quantization (needs --calibration).")
 @click.option("--calibration", metavar="DIR", type=click.Path(file_okay=False),
               help="Folder of images to calibrate int8 on.")
 @click.option("--embed-preprocessing", is_flag=True,

@@ -1,0 +1,1 @@
+"""vggspec's benchmark suite: `.venv/bin/python -m benchmarks` (see benchmarks/README.md)."""
