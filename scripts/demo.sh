@@ -27,7 +27,7 @@ $V graph D --fully-conv -o out/D-dense.png
 echo "== 3. digits, end to end"
 bash examples/digits_pipeline.sh out/digits
 first=$(find out/digits/data/test -name '*.png' | sort | head -n 1)
-$V predict out/digits/run/digits_dense.onnx "$first" --scales 64 --no-flip --top 3 --heatmap out/heatmaps
+$V predict out/digits/run/digits_dense.onnx "$first" --scales 36 --no-flip --top 3 --heatmap out/heatmaps
 
 echo "== 4. D compiled and exported"
 $V build D --target torch -o out/vgg_d.py
