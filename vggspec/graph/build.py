@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..preprocessing import Preprocessing
 from ..spec import DiagnosticSink, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
 from .infer import ShapeError, annotate
 from .layer import Layer
-from .layergraph import GraphMeta, LayerGraph, Preprocessing
+from .layergraph import GraphMeta, LayerGraph
 
 MAX_PARAMS = 10**10  # 40 GB of float32: beyond any machine this runs on
 MAX_MACS = 10**15
