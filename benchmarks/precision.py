@@ -67,14 +67,15 @@ def _d_models(cfg: Config) -> dict[str, Path]:
 
 def _d_inputs(cfg: Config, model: Path) -> np.ndarray:
     """Held-out images rescaled to Q = 256, centre 224 crops, normalised as the model's metadata says."""
-    from vggspec.runtime import load, load_image, rescale
-    from vggspec.runtime.preprocess import to_array, to_input
+    from vggspec.imaging import load_pixels
+    from vggspec.runtime import load
+    from vggspec.runtime.preprocess import to_input
 
     info = load(model, device="cpu", threads=cfg.threads).info
     h, w = info.input_size
     crops = []
     for path in synthetic_images(cfg.path("held_out_d"), N_HELD_OUT, seed=2):
-        px = to_array(rescale(load_image(path, info.channels), 256))
+        px = load_pixels(path, info.channels, 256)
         top, left = (px.shape[0] - h) // 2, (px.shape[1] - w) // 2
         crops.append(px[top:top + h, left:left + w])
     return to_input(np.stack(crops), info)
@@ -174,11 +175,12 @@ def _digits_models(cfg: Config, data: Path, run: Path) -> dict[str, Path]:
 
 
 def _digits_test(data: Path, info: object) -> tuple[np.ndarray, np.ndarray]:
-    from vggspec.runtime import list_dataset, load_image
-    from vggspec.runtime.preprocess import to_array, to_input
+    from vggspec.imaging import load_pixels
+    from vggspec.runtime import list_dataset
+    from vggspec.runtime.preprocess import to_input
 
     items, _ = list_dataset(data / "test", info.labels)  # type: ignore[attr-defined]
-    pixels = np.stack([to_array(load_image(p, info.channels)) for p, _ in items])  # type: ignore[attr-defined]
+    pixels = np.stack([load_pixels(p, info.channels) for p, _ in items])  # type: ignore[attr-defined]
     return to_input(pixels, info), np.array([t for _, t in items])
 
 

@@ -294,7 +294,7 @@ def write_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (40, 5
 
 
 def test_int8_agrees_with_fp32(tmp_path, small):
-    from vggspec.backends.onnx_quant import calibration_inputs
+    from vggspec.backends.onnx_quant import Feed, calibration_inputs
 
     graph, w = small
     write_images(tmp_path / "cal", 24, seed=1)
@@ -305,7 +305,9 @@ def test_int8_agrees_with_fp32(tmp_path, small):
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("conv1_1.weight")]
     assert dq and any(a.name == "axis" for a in dq[0].attribute)  # per-channel weights
     fp32 = vggspec.export_onnx(graph, weights=w)
-    x = np.concatenate(list(calibration_inputs(fp32, sorted((tmp_path / "test").iterdir()))))
+    c, h, wd = graph.meta.input_shape
+    feed = Feed(c, (h, wd), graph.meta.preprocessing)
+    x = np.concatenate(list(calibration_inputs(feed, sorted((tmp_path / "test").iterdir()))))
     ref = run(fp32, x)[0]
     probs = run(out, x)[0]
     agree = float((probs.argmax(1) == ref.argmax(1)).mean())

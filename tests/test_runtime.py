@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from vggspec.errors import DataError, ModelError
+from vggspec.imaging import to_array
 from vggspec.runtime import (
     Member,
     Model,
@@ -31,7 +32,6 @@ from vggspec.runtime import (
     normalise,
     rescale,
 )
-from vggspec.runtime.preprocess import to_array
 from vggspec.runtime.session import Preprocessing, check_provider, create_session
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from vggspec.errors import DataError, VggspecError
-from vggspec.train.augment import Augment, CenterEval, Lighting, parse_scale, rescale
+from vggspec.imaging import rescale
+from vggspec.preprocessing import Preprocessing
+from vggspec.train.augment import Augment, CenterEval, Lighting, parse_scale
 from vggspec.train.data import GlobalBatchSampler, ImageDataset, channel_stats, collate, scan_folder
 
 # No batch norm, no dropout: a deterministic module, so 1 and 2 DDP processes can be compared.
@@ -69,7 +71,7 @@ def test_rescale_is_isotropic() -> None:
 
 
 def test_jittered_scale_and_crop_shapes() -> None:
-    aug = Augment(crop=(8, 8), scale=(10, 16), channels=3, pixel_scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3)
+    aug = Augment(crop=(8, 8), scale=(10, 16), preprocessing=Preprocessing(1 / 255, (0.5,) * 3, (0.25,) * 3))
     image = Image.new("RGB", (40, 20), (128, 64, 32))
     seen = set()
     for i in range(40):
@@ -79,14 +81,14 @@ def test_jittered_scale_and_crop_shapes() -> None:
         out = aug(image, rng)
         assert out.shape == (3, 8, 8) and out.dtype == np.float32
     assert len(seen) > 4  # S is drawn afresh per image
-    gray = Augment(crop=(8, 6), scale=(8, 8), channels=1, pixel_scale=1 / 255, mean=(0.5,), std=(0.5,))
+    gray = Augment(crop=(8, 6), scale=(8, 8), preprocessing=Preprocessing(1 / 255, (0.5,), (0.5,)))
     assert gray(Image.new("L", (9, 30)), np.random.default_rng(0)).shape == (1, 8, 6)
-    centre = CenterEval(crop=(8, 8), size=12, channels=1, pixel_scale=1 / 255, mean=(0.0,), std=(1.0,))
+    centre = CenterEval(crop=(8, 8), size=12, preprocessing=Preprocessing(1 / 255, (0.0,), (1.0,)))
     assert centre(Image.new("L", (30, 12))).shape == (1, 8, 8)
 
 
 def test_augmentation_depends_only_on_the_seed() -> None:
-    aug = Augment(crop=(8, 8), scale=(10, 14), channels=3, pixel_scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3,
+    aug = Augment(crop=(8, 8), scale=(10, 14), preprocessing=Preprocessing(1 / 255, (0.5,) * 3, (0.25,) * 3),
                   lighting=Lighting(np.array([0.01, 0.02, 0.2]), np.eye(3)))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     a, b = aug(image, np.random.default_rng([0, 1, 2])), aug(image, np.random.default_rng([0, 1, 2]))
@@ -139,7 +141,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
     (root / "train" / "class0" / "broken.png").write_bytes(b"not a png")
     (root / "train" / "class1" / "empty.jpg").write_bytes(b"")
     train, _ = scan_folder(root, 3)
-    centre = CenterEval(crop=(8, 8), size=10, channels=3, pixel_scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3)
+    centre = CenterEval(crop=(8, 8), size=10, preprocessing=Preprocessing(1 / 255, (0.5,) * 3, (0.25,) * 3))
     dataset = ImageDataset(train, centre, 3, seed=0)
     x, y, skipped = collate([dataset[(0, i)] for i in range(len(train))])
     assert skipped == 2 and x.shape == (len(train) - 2, 3, 8, 8) and len(y) == len(train) - 2

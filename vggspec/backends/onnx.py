@@ -161,10 +161,11 @@ def _write_streamed(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray], ou
 
 def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
                calibration: str | Path | None) -> onnx.ModelProto:
-    from .onnx_quant import quantize
+    from .onnx_quant import Feed, quantize
 
     model = build_model(graph, fold_batch_norm(graph, weights), opts, labels)
-    model = quantize(model, calibration)
+    c, h, w = graph.meta.input_shape
+    model = quantize(model, calibration, Feed(c, (h, w), opts.preprocessing, opts.embed))
     _set_metadata(model, graph, opts, labels)  # quantize_static rewrites the model's header
     return model
 

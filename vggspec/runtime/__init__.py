@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..imaging import crop_positions, grid_crops, load_image, normalise, rescale
 from .evaluate import Report, evaluate, list_dataset
 from .fuse import build_fused, fuse
 from .heatmap import heatmap
-from .preprocess import crop_positions, grid_crops, load_image, normalise, preprocess, rescale
+from .preprocess import preprocess
 from .protocols import PROTOCOLS, Member, Protocol, Runner, default_scales, top_k
 from .session import DEVICES, Model, ModelInfo, Overrides, Preprocessing, create_session, read_info
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..imaging import class_folders, scan_image_folder
 from .protocols import Protocol, Runner
 
 
@@ -18,25 +19,10 @@ def list_dataset(root: str | Path, labels: Sequence[str] = ()) -> tuple[list[tup
     """(image paths with class indices, class names). Indices follow `labels` when the folders are named
     after them, otherwise the sorted folder names (the ImageFolder convention training used; ImageNet's
     folders are WordNet ids while its labels are words)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError("not a folder (expected DIR/<class>/<images>)", str(root))
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise DataError("has no class folders (expected DIR/<class>/<images>)", str(root))
-    by_label = bool(labels) and any(f.name in labels for f in folders)
-    names = list(labels) if by_label else [f.name for f in folders]
-    index = {name: i for i, name in enumerate(names)}
-    items = []
-    for folder in folders:
-        if folder.name not in index:
-            raise DataError(f"class folder '{folder.name}' is not among the model's labels", str(folder),
-                            "name the folders after the labels, or pass --labels FILE")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        items += [(p, index[folder.name]) for p in files]
-    if not items:
-        raise DataError("the class folders hold no files", str(root))
-    return items, names
+    by_label = bool(labels) and any(name in labels for name in class_folders(root))
+    folder = scan_image_folder(root, labels if by_label else None,
+                               "name the folders after the labels, or pass --labels FILE")
+    return folder.items(), list(folder.classes)
 
 
 @dataclass
@@ -66,6 +52,8 @@ class Score:
 class Report:
     scores: dict[Protocol, Score]
     failed: list[tuple[str, str]] = field(default_factory=list)
+    # Per image: (path, target, top-1 class under each protocol), for paired comparisons and error analysis.
+    predictions: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     seconds: float = 0.0
     images: int = 0
 
@@ -80,6 +68,21 @@ class Report:
             "failed": [{"image": path, "error": msg} for path, msg in self.failed],
             "images": self.images, "seconds": self.seconds, "images_per_s": self.images_per_s,
         }
+
+
+def write_predictions(report: Report, path: str | Path, classes: Sequence[str]) -> Path:
+    """One CSV row per image: file, true class, and the top-1 class under each protocol (atomically)."""
+    import csv
+
+    from ..atomic import atomic_path
+
+    names = [f"{p.name}@{p.scales_text}" + ("+flip" if p.flip else "") for p in report.scores]
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "target", *names])
+        for image, target, top1 in report.predictions:
+            writer.writerow([image, classes[target], *(classes[i] if i < len(classes) else i for i in top1)])
+    return Path(path)
 
 
 def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
@@ -98,6 +101,8 @@ def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
         else:
             for proto, posterior in results.items():
                 report.scores[proto].add(posterior, target)
+            top1 = tuple(int(np.argmax(results[p])) for p in report.scores)
+            report.predictions.append((str(path), target, top1))
             report.images += 1
         if on_step:
             on_step()

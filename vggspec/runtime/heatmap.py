@@ -8,7 +8,8 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import ModelError
-from .preprocess import check_size, load_image, rescale, to_array, to_input
+from ..imaging import load_pixels
+from .preprocess import check_size, to_input
 from .session import Model
 
 
@@ -17,7 +18,7 @@ def score_map(model: Model, path: str | Path, q: int | None) -> tuple[np.ndarray
     if "scores" not in model.info.outputs:
         raise ModelError("the model has no 'scores' output, so there is no score map to draw", model.path,
                          "export the fully convolutional model with scores=True")
-    pixels = to_array(rescale(load_image(path, model.info.channels), q))
+    pixels = load_pixels(path, model.info.channels, q)
     check_size(pixels, model.info.input_size, str(path), q)
     _, scores = model.run(to_input(pixels[None], model.info), [model.info.probs_output, "scores"])
     return pixels, scores[0].astype(np.float32)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
-from .preprocess import check_size, grid_crops, load_image, mirror, rescale, to_array, to_input
+from ..imaging import grid_crops, load_image, mirror, rescale, to_array
+from .preprocess import check_size, to_input
 from .session import Model
 
 PROTOCOLS = ("dense", "multi-crop", "combined")

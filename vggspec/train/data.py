@@ -8,54 +8,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..imaging import ImageFolder, load_image, scan_image_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split of the folder: file paths, their class indices, and the class names."""
-
-    root: Path
-    files: tuple[Path, ...]
-    targets: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.files)
+# A split of the data folder is an ImageFolder: file paths, class indices, class names.
+Split = ImageFolder
 
 
 def scan_split(root: Path, classes: tuple[str, ...] | None = None) -> Split:
     """List the images of one split; `classes` fixes the class order (the train split's)."""
     if not root.is_dir():
         raise DataError("no such folder", str(root), "the data folder needs train/<class>/ and val/<class>/ folders")
-    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    if not found:
-        raise DataError("no class folders", str(root), "put each class's images in a folder named after the class")
-    if classes is None:
-        classes = found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"class folder '{unknown[0]}' is not among the training classes", str(root))
-    files, targets = [], []
-    for index, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                files.append(path)
-                targets.append(index)
-    if not files:
-        raise DataError("no images in any class folder", str(root), f"image files end in {', '.join(IMAGE_EXTENSIONS)}")
-    return Split(root, tuple(files), tuple(targets), classes)
+    return scan_image_folder(root, classes, "every class folder of val/ needs its twin in train/")
 
 
 def scan_folder(data: str | Path, classes: int) -> tuple[Split, Split]:
@@ -73,13 +42,6 @@ def scan_folder(data: str | Path, classes: int) -> tuple[Split, Split]:
     if empty:
         raise DataError(f"class folder '{empty[0]}' holds no images", str(data / "train"))
     return train, scan_split(data / "val", train.classes)
-
-
-def load_image(path: Path, channels: int) -> Image.Image:
-    """Decode to L (one-channel specs) or RGB; raises on unreadable files (the dataset counts them)."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("L" if channels == 1 else "RGB")
 
 
 class ImageDataset:
@@ -112,7 +74,7 @@ class ImageDataset:
             return self.cache[index]
         try:
             return load_image(self.split.files[index], self.channels)
-        except Exception:  # PIL raises many types for truncated, empty or non-image files
+        except DataError:  # counted and skipped: one bad file must not end an epoch
             return None
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int] | None:
@@ -197,7 +159,7 @@ def channel_stats(split: Split, channels: int, pixel_scale: float, limit: int = 
     for i in picks:
         try:
             image = load_image(split.files[i], channels)
-        except Exception:
+        except DataError:
             bad += 1
             continue
         if min(image.size) > side:

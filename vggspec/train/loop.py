@@ -13,6 +13,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +198,11 @@ class Trainer:
 
     # --- data --------------------------------------------------------------------------------
     def _transforms(self) -> tuple[Augment, CenterEval]:
-        c, (ch, h, w) = self.config, self.graph.meta.input_shape
-        common = dict(channels=ch, pixel_scale=self.pre.scale, mean=self.pre.mean, std=self.pre.std)
-        train = Augment(crop=(h, w), scale=self.scale, flip=c.flip, lighting=self.lighting, **common)
+        c, (_, h, w) = self.config, self.graph.meta.input_shape
+        pre = replace(self.pre, layout="NCHW")  # what the torch module takes, whatever the export layout
+        train = Augment(crop=(h, w), scale=self.scale, preprocessing=pre, flip=c.flip, lighting=self.lighting)
         q = (self.scale[0] + self.scale[1]) // 2  # the paper's test scale for a jittered S
-        return train, CenterEval(crop=(h, w), size=q, **common)
+        return train, CenterEval(crop=(h, w), size=q, preprocessing=pre)
 
     def _dataset(self, split: Split, transform: Any) -> ImageDataset:
         dataset = ImageDataset(split, transform, self.graph.meta.input_shape[0], self.config.seed)
