@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 from .graph import Layer, LayerGraph
@@ -40,6 +41,7 @@ def summary_dict(graph: LayerGraph) -> dict[str, Any]:
         "macs": graph.macs,
         "input": [c, *hw],
         "classes": meta.classes,
+        "width": meta.width,
         "fully_conv": meta.fully_conv,
         "output_shape": list(graph.output_shape),
         "layers": [layer_record(x) for x in graph.layers],
@@ -54,7 +56,8 @@ def render_table(graph: LayerGraph) -> Any:
     c, h, w = meta.input_shape
     hw = meta.eval_input or (h, w)
     form = "dense evaluation" if meta.fully_conv else "standard"
-    table = Table(title=f"{meta.name} ({form}, input {hw[0]}x{hw[1]}x{c})", title_justify="left")
+    narrow = f", width {Fraction(meta.width).limit_denominator(1000)}" if meta.width != 1 else ""
+    table = Table(title=f"{meta.name} ({form}, input {hw[0]}x{hw[1]}x{c}{narrow})", title_justify="left")
     for column, justify in (
         ("layer", "left"),
         ("op", "left"),

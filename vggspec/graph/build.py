@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..preprocessing import Preprocessing
@@ -43,6 +44,7 @@ def build(tree: SpecTree) -> LayerGraph:
         norm=header.norm,
         dropout=header.dropout,
         init=header.init,
+        width=header.width,
         preprocessing=Preprocessing(header.scale, header.mean, header.std),
         spec_text=tree.source,
         spec_path=tree.path,
@@ -106,7 +108,7 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
                 attrs = {
                     **base,
                     "kernel": token.kernel,
-                    "out_channels": token.channels,
+                    "out_channels": scaled(token.channels, header.width),
                     "padding": token.kernel // 2,
                     "stride": 1,
                 }
@@ -125,7 +127,8 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
                 if not seen_fc:
                     layers.append(Layer("flatten", "flatten", dict(base), namer.stage, loc))
                 seen_fc += 1
-                units = adapt if adapt and seen_fc == total_fc else token.channels
+                last = seen_fc == total_fc
+                units = (adapt or token.channels) if last else scaled(token.channels, header.width)
                 layers.append(Layer(f"fc{n}", "fc", {**base, "out_features": units}, namer.stage, loc))
                 if seen_fc < total_fc:
                     layers.append(Layer(f"relu{n}", "relu", dict(base), namer.stage, loc))
@@ -140,6 +143,11 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
     elif not seen_softmax:
         sink.error(tree.end, "spec does not end with soft-max", "add soft-max after the last FC layer")
     return layers
+
+
+def scaled(channels: int, width: float) -> int:
+    """A layer's width under the `width` multiplier: the nearest integer (halves up), at least 1."""
+    return max(1, math.floor(channels * width + 0.5))
 
 
 def _check_size(layers: list[Layer], sink: DiagnosticSink) -> None:

@@ -22,6 +22,7 @@ class GraphMeta:
     norm: str = "none"
     dropout: float = 0.5
     init: str = "paper"
+    width: float = 1.0  # the header's channel multiplier, already applied to the layers
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     spec_text: str = ""
     spec_path: str = ""

@@ -86,6 +86,17 @@ def _scale(text: str) -> float:
     return s
 
 
+MAX_WIDTH_MULTIPLIER = 16
+
+
+def _width(text: str) -> float:
+    w = _number(text)
+    if not 0 < w <= MAX_WIDTH_MULTIPLIER:
+        raise HeaderValueError(f"width {w:g} is outside (0, {MAX_WIDTH_MULTIPLIER}]",
+                               "a multiplier of every layer's channels, e.g. 1/8 for a net eight times narrower")
+    return w
+
+
 def _numbers(text: str) -> tuple[float, ...]:
     parts = text.replace(",", " ").split()
     if not parts:
@@ -113,6 +124,7 @@ KEYS: dict[str, KeySpec] = {
     "norm": KeySpec(_choice("none", "batch"), "batch: batch norm after every convolution"),
     "dropout": KeySpec(_probability, "dropout after each hidden FC layer (0 for none)"),
     "init": KeySpec(_choice("paper", "xavier", "kaiming"), "weight initialisation scheme"),
+    "width": KeySpec(_width, "multiplier of every conv's channels and hidden FC's outputs, e.g. 1/8"),
     "scale": KeySpec(_scale, "pixel scale applied before mean and std (1/255 or 1)"),
     "mean": KeySpec(_numbers, "per-channel mean subtracted after scaling, RGB order"),
     "std": KeySpec(_positive_numbers, "per-channel std divided after the mean"),

@@ -38,6 +38,7 @@ class Header:
     norm: str = "none"
     dropout: float = 0.5
     init: str = "paper"
+    width: float = 1.0
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
