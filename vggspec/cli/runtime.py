@@ -289,8 +289,11 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
               help="A set of test scales; repeat for several rows (Tables 3-4), "
                    "e.g. --scales 256 --scales 256,384,512.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@click.option("--predictions", metavar="FILE.csv", default=None,
+              help="Also write each image's true class and top-1 class under every row, one CSV line per image.")
 @model_options
 def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
+             predictions: str | None,
              dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...], flip: bool, device: str,
              threads: int | None, batch_size: int, labels: str | None, size: str | None, mean: str | None,
              std: str | None, scale: float | None) -> None:
@@ -306,6 +309,10 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
     if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
         raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
     report = _run_eval(runner, items)
+    if predictions:
+        from ..runtime.evaluate import write_predictions
+
+        write_predictions(report, predictions, classes)
     if as_json:
         out = report.to_dict() | {"models": [m.path for mem in members for m in mem.models], "data": data,
                                   "classes": len(classes), "provider": runner.provider}
