@@ -106,6 +106,25 @@ def _summary(sections: list[Section]) -> list[str]:
     return [*lines, ""]
 
 
+def _section_md(s: Section, date: str = "") -> list[str]:
+    when = f"measured {date}; " if date else ""
+    lines = [f"## {s.title}", "", f"Reproduce: `{s.command}` ({when}{s.seconds:.0f} s"
+             + (f"; {s.contention})" if s.contention else ")"), ""]
+    if s.others_share > 0.1:
+        lines += [f"**Measured on a contended machine** (other processes used {s.others_share:.0%} of the "
+                  "CPU): treat the absolute figures as pessimistic and the ratios as approximate.", ""]
+    if s.error:
+        lines += [f"**Failed:** {_md_escape(s.error)}", ""]
+    if s.rows:
+        lines += ["| metric | value | target | detail |", "| --- | --- | --- | --- |"]
+        lines += [f"| {_md_escape(r.metric)} | {_md_escape(r.value_text())} | {_md_escape(r.target_text())} "
+                  f"| {_md_escape(r.detail)} |" for r in s.rows]
+        lines.append("")
+    lines += [f"- {n}" for n in s.notes]
+    lines.append("")
+    return lines
+
+
 def write_results(sections: list[Section], machine: Machine, quick: bool, path: Path = RESULTS) -> Path:
     lines = ["# vggspec benchmarks", "",
              "Written by `.venv/bin/python -m benchmarks` (see benchmarks/README.md). Every ratio is of two "
@@ -114,19 +133,27 @@ def write_results(sections: list[Section], machine: Machine, quick: bool, path: 
              "", "## Machine", "", *_machine_md(machine, quick), ""]
     lines += _summary(sections)
     for s in sections:
-        lines += [f"## {s.title}", "", f"Reproduce: `{s.command}` ({s.seconds:.0f} s"
-                  + (f"; {s.contention})" if s.contention else ")"), ""]
-        if s.others_share > 0.1:
-            lines += [f"**Measured on a contended machine** (other processes used {s.others_share:.0%} of the "
-                      "CPU): treat the absolute figures as pessimistic and the ratios as approximate.", ""]
-        if s.error:
-            lines += [f"**Failed:** {_md_escape(s.error)}", ""]
-        if s.rows:
-            lines += ["| metric | value | target | detail |", "| --- | --- | --- | --- |"]
-            lines += [f"| {_md_escape(r.metric)} | {_md_escape(r.value_text())} | {_md_escape(r.target_text())} "
-                      f"| {_md_escape(r.detail)} |" for r in s.rows]
-            lines.append("")
-        lines += [f"- {n}" for n in s.notes]
-        lines.append("")
+        lines += _section_md(s)
     path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def merge_results(sections: list[Section], machine: Machine, path: Path = RESULTS) -> Path:
+    """A partial run (--only) replaces its own sections in RESULTS.md and keeps every other one as it was."""
+    if not path.exists():
+        return write_results(sections, machine, False, path)
+    blocks: list[list[str]] = [[]]
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            blocks.append([])
+        blocks[-1].append(line)
+    for s in sections:
+        fresh = _section_md(s, machine.date)
+        at = [i for i, b in enumerate(blocks) if b and b[0] == f"## {s.title}"]
+        if at:
+            blocks[at[0]] = fresh
+        else:
+            blocks.append(fresh)
+    text = "\n".join("\n".join(b).rstrip() + "\n" for b in blocks if b)
+    path.write_text(text.replace("\n## ", "\n\n## ").replace("\n\n\n## ", "\n\n## "))
     return path

@@ -1,7 +1,8 @@
 """The benchmark command: `.venv/bin/python -m benchmarks [--quick] [--only NAME ...]` (or `python benchmarks/run.py`).
 
 Runs the sections in order, prints each one's table as it finishes, and writes benchmarks/RESULTS.md
-(only for a run of every section, unless --write is given, so a partial run never hides a full one).
+(a run of every section writes it whole; an --only run replaces just its own sections; a --quick run writes
+nothing unless --write is given).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `vggspec
     __package__ = "benchmarks"
 
 from .common import Config, CpuSnapshot, describe_machine, load, set_threads  # noqa: E402
-from .report import RESULTS, Section, print_section, write_results  # noqa: E402
+from .report import RESULTS, Section, merge_results, print_section, write_results  # noqa: E402
 
-SECTIONS = ("compile", "export", "inference", "precision", "protocols", "training", "gpu")
+SECTIONS = ("compile", "export", "inference", "precision", "protocols", "training", "gpu", "paper")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--digits-run", type=Path, default=None, help="a trained digits run folder to reuse")
     p.add_argument("--cache", type=Path, default=None,
                    help="folder for weights and models (default /tmp/vggspec-bench)")
-    p.add_argument("--write", action="store_true", help="write RESULTS.md even for a partial (--only) run")
+    p.add_argument("--write", action="store_true", help="write RESULTS.md even for a --quick run")
     p.add_argument("--no-write", action="store_true", help="never write RESULTS.md")
     return p.parse_args(argv)
 
@@ -73,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print_section(section)
         sections.append(section)
     machine.load_end = load()
-    if not args.no_write and (args.write or not args.only):
-        print(f"\nwrote {write_results(sections, machine, cfg.quick, RESULTS)}")
+    if not args.no_write and (args.write or not args.quick):
+        # A partial run replaces only its own sections, so it never hides the figures of a full one.
+        written = merge_results(sections, machine, RESULTS) if args.only else write_results(
+            sections, machine, cfg.quick, RESULTS)
+        print(f"\nwrote {written}")
     return 1 if any(s.error for s in sections) else 0
 
 

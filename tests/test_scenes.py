@@ -182,3 +182,22 @@ def test_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "t").exists()
     result = runner.invoke(main, ["data", "scenes", "--help"])
     assert "vggspec data scenes" in result.output
+
+
+def test_clutter_scales_texture_fragments_and_noise(tmp_path: Path) -> None:
+    few = {"train": 30, "val": 10, "test": 10}
+    scenes.write_scenes(tmp_path / "plain", counts=few, clutter=0.0)
+    plain = _meta(tmp_path / "plain")
+    assert plain["clutter"] == 0.0
+    assert all(not r["fragments"] for s in plain["splits"].values() for r in s["images"])
+    scenes.write_scenes(tmp_path / "usual", counts=few)
+    scenes.write_scenes(tmp_path / "busy", counts=few, clutter=2.0)
+
+    def roughness(name: str) -> float:  # neighbouring pixels differ more with texture and noise
+        files = sorted((tmp_path / name / "train").rglob("*.png"))
+        return float(np.mean([np.median(np.abs(np.diff(np.asarray(Image.open(f), np.float64), axis=1)))
+                              for f in files]))
+
+    assert roughness("plain") < 0.5 * roughness("usual") < 0.5 * roughness("busy")
+    count = lambda m: sum(len(r["fragments"]) for s in m["splits"].values() for r in s["images"])  # noqa: E731
+    assert count(_meta(tmp_path / "busy")) > count(_meta(tmp_path / "usual")) > 0

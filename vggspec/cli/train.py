@@ -137,11 +137,13 @@ def digits(out: str, size: int, seed: int, force: bool) -> None:
               help="Smallest digit side in pixels (sides are log-uniform between the two).")
 @click.option("--max-digit", type=click.IntRange(8), default=64, show_default=True,
               help="Largest digit side in pixels, at most --size.")
+@click.option("--clutter", type=click.FloatRange(0, 4), default=1.0, show_default=True,
+              help="Scales the background texture, the number of stroke fragments and the pixel noise (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 60/15/25 split and of every image.")
 @click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
 @click.option("--preview", metavar="PNG", default=None, help="Also write a grid of the first 24 scenes to PNG.")
-def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit: int, max_digit: int, seed: int,
-           force: bool, preview: str | None) -> None:
+def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit: int, max_digit: int,
+           clutter: float, seed: int, force: bool, preview: str | None) -> None:
     """Write one handwritten digit per cluttered RGB scene, 20-64 px, as DIR/{train,val,test}/<digit>/*.png.
 
     A scale-varying data set from scikit-learn's bundled 8x8 scans (no download): each scene holds one
@@ -160,7 +162,8 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
         raise click.UsageError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
     if preview:
         check_output_path(preview)  # before a minute of work, not after
-    counts = gen.write_scenes(out, size=size, counts=counts, digit_range=(min_digit, max_digit), seed=seed, force=force)
+    counts = gen.write_scenes(out, size=size, counts=counts, digit_range=(min_digit, max_digit), seed=seed,
+                              force=force, clutter=clutter)
     shown = f"; preview in {gen.preview(out, preview)}" if preview else ""
     listed = ", ".join(f"{k} {v}" for k, v in counts.items())
     click.echo(f"wrote {out}: {listed} images, {size}x{size} RGB, digits {min_digit}-{max_digit} px{shown}")

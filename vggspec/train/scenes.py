@@ -9,6 +9,7 @@ measures unseen handwriting; every image is a function of (seed, split, index) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -79,7 +80,7 @@ def _upsample(grid: np.ndarray, size: int, scale: float = 1.0) -> np.ndarray:
     return (np.asarray(Image.fromarray(coded).resize((size, size), Image.BICUBIC), dtype=np.float32) - 128) / scale
 
 
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> np.ndarray:
     """Clutter without objects: a smooth random colour field plus mid-frequency texture of random strength."""
     cells = int(rng.integers(3, 5))
     colours = rng.uniform(0, 255, (cells, cells, 3))
@@ -88,7 +89,7 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     field = _upsample(colours - 128, size)
     grain = int(rng.integers(max(2, size // 6), max(3, size // 3) + 1))
     shade = rng.normal(0, 1, (grain, grain, 1)) + 0.5 * rng.normal(0, 1, (grain, grain, 3))
-    return field + 128 + _upsample(shade, size, scale=32.0) * rng.uniform(6, 24)
+    return field + 128 + _upsample(shade, size, scale=32.0) * (rng.uniform(6, 24) * clutter)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -246,10 +247,10 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 
 def _draw_fragments(rng: np.random.Generator, canvas: np.ndarray, scans: np.ndarray, windows: np.ndarray,
-                    box: tuple[int, int, int], digit_range: tuple[int, int]) -> list[int]:
-    """Paint 1 to 4 partial scans at digit-like scales; return their rows in `scans`."""
+                    box: tuple[int, int, int], digit_range: tuple[int, int], clutter: float = 1.0) -> list[int]:
+    """Paint 1 to 4 partial scans (times `clutter`, rounded) at digit-like scales; return their rows in `scans`."""
     used = []
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(math.floor(int(rng.integers(1, 5)) * clutter + 0.5)):
         cell = _log_uniform(rng, digit_range[0] / 8, digit_range[1] / 8)  # pixels per scan cell, as for digits
         found = fragment(rng, scans, windows, cell)
         if found is None:
@@ -263,19 +264,20 @@ def _draw_fragments(rng: np.random.Generator, canvas: np.ndarray, scans: np.ndar
 
 def render_scene(rng: np.random.Generator, scan: np.ndarray, scans: np.ndarray, size: int = 96,
                  digit_range: tuple[int, int] = (20, 64),
-                 windows: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 windows: np.ndarray | None = None, clutter: float = 1.0) -> tuple[np.ndarray, dict[str, Any]]:
     """One scene: `scan` (8x8 ink 0..1) drawn over clutter and fragments of `scans`; a uint8 (size, size, 3) image.
 
     The metadata holds the digit's box [x, y, side] and the rows of `scans` the fragments came from. Pass
-    `windows=fragment_windows(scans)` when rendering many scenes from the same scans.
+    `windows=fragment_windows(scans)` when rendering many scenes from the same scans. `clutter` scales the
+    texture, the number of fragments and the pixel noise (0: a smooth colour field and the digit alone).
     """
     windows = fragment_windows(scans) if windows is None else windows
-    canvas = background(rng, size)
+    canvas = background(rng, size, clutter)
     side = min(size, max(digit_range[0], min(digit_range[1], round(_log_uniform(rng, *digit_range)))))
     box = (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1)), side)
-    fragments = _draw_fragments(rng, canvas, scans, windows, box, digit_range)
+    fragments = _draw_fragments(rng, canvas, scans, windows, box, digit_range, clutter)
     _paint(canvas, digit_mask(scan, side), box[0], box[1], rng)
-    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(rng.uniform(4, 16))
+    canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(rng.uniform(4, 16) * clutter)
     image = np.clip(canvas, 0, 255).round().astype(np.uint8)
     return image, {"box": list(box), "fragments": fragments}
 
@@ -291,7 +293,8 @@ def _save_png(image: np.ndarray, path: Path) -> None:
 
 
 def _write_split(tmp: Path, name: str, number: int, count: int, pool: np.ndarray, scans: np.ndarray,
-                 targets: np.ndarray, size: int, digit_range: tuple[int, int], seed: int) -> list[dict[str, Any]]:
+                 targets: np.ndarray, size: int, digit_range: tuple[int, int], seed: int,
+                 clutter: float = 1.0) -> list[dict[str, Any]]:
     """Write one split's images into tmp/name; image i has class i % 10 and its own seeded generator."""
     by_class = {c: pool[targets[pool] == c] for c in range(10)}
     fragment_scans = scans[pool]  # distractors come from this split's scans only: splits stay disjoint
@@ -304,7 +307,7 @@ def _write_split(tmp: Path, name: str, number: int, count: int, pool: np.ndarray
         rng = np.random.default_rng([seed, number, i])
         label = i % 10
         index = int(rng.choice(by_class[label]))
-        image, info = render_scene(rng, scans[index], fragment_scans, size, digit_range, windows)
+        image, info = render_scene(rng, scans[index], fragment_scans, size, digit_range, windows, clutter)
         file = f"{name}/{label}/{i:05d}.png"
         _save_png(image, tmp / file)
         records.append({"file": file, "label": label, "scan": index, "box": info["box"],
@@ -334,7 +337,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None = None,
-                 digit_range: tuple[int, int] = (20, 64), seed: int = 0, force: bool = False) -> dict[str, int]:
+                 digit_range: tuple[int, int] = (20, 64), seed: int = 0, force: bool = False,
+                 clutter: float = 1.0) -> dict[str, int]:
     """Write OUT/{train,val,test}/<class>/<index>.png and OUT/scenes.json; return the image count per split.
 
     Everything is written into a hidden folder inside OUT first and moved into place at the end, so an
@@ -351,7 +355,7 @@ def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".scenes-tmp-", dir=out))
     try:
-        meta = _generate(tmp, scans, targets, size, counts, digit_range, seed)
+        meta = _generate(tmp, scans, targets, size, counts, digit_range, seed, clutter)
         (tmp / "scenes.json").write_text(_json_text(meta), encoding="utf-8")
         _move_into_place(tmp, out)
     finally:
@@ -360,13 +364,15 @@ def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None 
 
 
 def _generate(tmp: Path, scans: np.ndarray, targets: np.ndarray, size: int, counts: dict[str, int],
-              digit_range: tuple[int, int], seed: int) -> dict[str, Any]:
+              digit_range: tuple[int, int], seed: int, clutter: float = 1.0) -> dict[str, Any]:
     """Write every split into tmp and return the scenes.json contents."""
     meta: dict[str, Any] = {"format": "vggspec-scenes", "version": VERSION, "seed": seed, "size": size,
                             "counts": {s: counts[s] for s in SPLITS}, "digit_range": list(digit_range),
-                            "fractions": list(FRACTIONS), "source": "sklearn.datasets.load_digits", "splits": {}}
+                            "clutter": clutter, "fractions": list(FRACTIONS), "source": "sklearn.datasets.load_digits",
+                            "splits": {}}
     for number, (name, pool) in enumerate(split_indices(targets, FRACTIONS, seed).items()):
-        images = _write_split(tmp, name, number, counts[name], pool, scans, targets, size, digit_range, seed)
+        images = _write_split(tmp, name, number, counts[name], pool, scans, targets, size, digit_range, seed,
+                              clutter)
         meta["splits"][name] = {"pool": pool.tolist(), "images": images}
     return meta
 
