@@ -7,25 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DataError, ModelError, SpecError, SpecNotFoundError, VggspecError, WeightsError
 from .graph import LayerGraph, build, fully_conv
+from .graph.load import load_spec, loads_spec
 from .resources import resolve_spec
-from .spec import parse, parse_file
-
-__version__ = "0.1.0"
+from .spec import parse, parse_file  # noqa: F401  (re-exported for users)
+from .version import __version__
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-
-def load_spec(spec: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> LayerGraph:
-    """Parse a spec file (or a shipped name such as "D") into its layer graph."""
-    path = resolve_spec(spec)
-    return build(parse_file(path, tuple(overrides)))
-
-
-def loads_spec(text: str, path: str = "<spec>", overrides: tuple[str, ...] | list[str] = ()) -> LayerGraph:
-    """Parse spec text into its layer graph."""
-    return build(parse(text, path, tuple(overrides)))
 
 
 def _graph(spec_or_graph: str | Path | LayerGraph) -> LayerGraph:

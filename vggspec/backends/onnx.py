@@ -30,7 +30,6 @@ Choices:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -43,16 +42,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..atomic import check_output_path
+from ..contract import EXTERNAL_DATA_BYTES, Metadata, to_props
 from ..errors import ModelError, VggspecError
 from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
 from ..graph import fully_conv as dense_form
 from ..weights import check_tensors, init_weights, to_dense
+from .onnx_stream import initializer_bytes
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, Unsqueeze/Split with tensor inputs, per-channel QDQ
 MIN_IR_VERSION = 8
 PRECISIONS = ("fp32", "fp16", "int8")
-EXTERNAL_DATA_BYTES = 2_000_000_000 - 64 * 2**20  # protobuf's 2 GiB, less room for the graph itself
 INT64_MIN = np.iinfo(np.int64).min
 
 
@@ -381,32 +381,22 @@ def _scores_output(b: _Builder, opts: _Options, score_map: str, classes: int) ->
 
 
 def _set_metadata(model: onnx.ModelProto, graph: LayerGraph, opts: _Options, labels: Sequence[str]) -> None:
-    """metadata_props as docs/DEVELOPING.md's contract says (the runtime reads them), plus the standard fields."""
-    from .. import __version__
+    """metadata_props as vggspec.contract says (the runtime reads them), plus the standard fields."""
+    from ..version import __version__
 
     meta = graph.meta
     c, h, w = meta.input_shape
-    flag = lambda v: "true" if v else "false"  # noqa: E731
-    props = {
-        "vggspec.version": __version__, "vggspec.name": meta.name, "vggspec.spec": meta.spec_text,
-        "vggspec.classes": str(meta.classes), "vggspec.input_size": json.dumps([h, w]), "vggspec.channels": str(c),
-        "vggspec.preprocessing": json.dumps(opts.preprocessing.to_dict()),
-        "vggspec.fully_conv": flag(opts.dense), "vggspec.flip": flag(opts.flip),
-        "vggspec.embedded_preprocessing": flag(opts.embed), "vggspec.scores": flag(opts.scores),
-        "vggspec.precision": opts.precision,
-    }
-    if labels:
-        props["vggspec.labels"] = json.dumps(list(labels))
+    contract = Metadata(
+        name=meta.name, classes=meta.classes, input_size=(h, w), channels=c, preprocessing=opts.preprocessing,
+        labels=tuple(labels), fully_conv=opts.dense, flip=opts.flip, embedded_preprocessing=opts.embed,
+        scores=opts.scores, precision=opts.precision, spec=meta.spec_text, version=__version__,
+    )
     del model.metadata_props[:]
-    helper.set_model_props(model, props)
+    helper.set_model_props(model, to_props(contract))
     model.producer_name, model.producer_version, model.model_version = "vggspec", __version__, 1
     form = "dense-evaluation (fully convolutional)" if opts.dense else "standard"
     source = meta.spec_path or "a spec"
     model.doc_string = f"{meta.name}: {form} {opts.precision} graph compiled by vggspec {__version__} from {source}"
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def check_model(model: onnx.ModelProto | str | Path) -> None:

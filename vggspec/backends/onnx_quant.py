@@ -99,7 +99,8 @@ def quantize(model: onnx.ModelProto, calibration: str | Path | None, feed: Feed)
 
 
 def _large(model: onnx.ModelProto) -> bool:
-    from .onnx import EXTERNAL_DATA_BYTES, initializer_bytes
+    from ..contract import EXTERNAL_DATA_BYTES
+    from .onnx_stream import initializer_bytes
 
     return initializer_bytes(model) >= EXTERNAL_DATA_BYTES
 

@@ -23,6 +23,11 @@ from onnx import helper
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 
 
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the weights held in the proto itself (what counts toward protobuf's 2 GB)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

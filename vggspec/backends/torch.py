@@ -100,7 +100,7 @@ def _docstring_lines(text: str) -> list[str]:
 
 def render_source(graph: LayerGraph) -> str:
     """The generated PyTorch module for `graph`, as Python source (deterministic)."""
-    from .. import __version__
+    from ..version import __version__
 
     graph = _standard(graph)
     dense = fully_conv(graph)

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from .common import ErrorHandlingGroup
 
 # Each module registers its commands on `main` through `register(main)`.

@@ -63,7 +63,7 @@ def set_option(f: F) -> F:
 
 
 def load_graph(spec: str, sets: tuple[str, ...] = ()) -> LayerGraph:
-    from .. import load_spec
+    from ..graph.load import load_spec
 
     return load_spec(spec, sets)
 

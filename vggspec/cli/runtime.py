@@ -55,24 +55,10 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 
 def read_labels(path: str | None) -> tuple[str, ...] | None:
-    """A label file: a JSON list, or one label per line (blank lines skipped)."""
-    from ..errors import DataError
+    """The --labels file, when given (vggspec.labels reads it)."""
+    from ..labels import read_labels as read
 
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the label file ({exc})", path) from None
-    if text.lstrip().startswith("["):
-        try:
-            return tuple(str(v) for v in json.loads(text))
-        except ValueError as exc:
-            raise DataError(f"label file is not a valid JSON list ({exc})", path) from None
-    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not labels:
-        raise DataError("label file is empty", path)
-    return labels
+    return None if path is None else read(path)
 
 
 def _overrides(size: str | None, mean: str | None, std: str | None, scale: float | None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..errors import DataError
+from ..labels import read_labels
 from ..preprocessing import Preprocessing
 from ..spec import DiagnosticSink, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
@@ -172,9 +174,9 @@ def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[st
     base = Path(tree.path).parent if entry.origin == tree.path else Path.cwd()
     path = base / tree.header.labels
     try:
-        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError) as exc:
-        sink.error(entry.value_span, f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}")
+        labels = read_labels(path)
+    except DataError as exc:
+        sink.error(entry.value_span, f"labels file {path}: {exc.message}", exc.hint)
         return ()
     if classes and len(labels) != classes:
         sink.error(entry.value_span, f"labels file {path} has {len(labels)} labels for {classes} classes")

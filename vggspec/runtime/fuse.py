@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
+from ..contract import PROTOBUF_LIMIT, Metadata, from_props, has_metadata, to_props
 from ..errors import ModelError
 
 # Members must agree on these, or one input cannot feed them all (or the averaged posteriors mean nothing).
 MUST_MATCH = ("input_size", "channels", "preprocessing", "fully_conv", "embedded_preprocessing", "flip", "classes")
-PROTOBUF_LIMIT = 2_000_000_000  # a single ModelProto cannot exceed 2 GB
 
 
 def _onnx() -> Any:
@@ -32,32 +32,34 @@ def _load(path: str | Path) -> Any:
         raise ModelError(f"not a readable ONNX model ({type(exc).__name__}: {exc})", str(path)) from None
 
 
-def _meta(model: Any) -> dict[str, str]:
+def _props(model: Any) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _fact(meta: dict[str, str], key: str) -> Any:
-    value = meta.get(f"vggspec.{key}")
-    if key == "preprocessing" and value is not None:
-        return json.loads(value)
-    return value
+def _meta(model: Any, path: str) -> Metadata:
+    props = _props(model)
+    if not has_metadata(props):
+        raise ModelError("has no vggspec metadata; fusion needs it to check the members match", path)
+    return from_props(props, path, default_name=Path(path).stem)
 
 
-def check_compatible(paths: Sequence[str], models: Sequence[Any]) -> None:
-    """ModelError naming the first member that differs from the first one, and how."""
-    first = _meta(models[0])
-    if "vggspec.input_size" not in first:
-        raise ModelError("has no vggspec metadata; fusion needs it to check the members match", paths[0])
-    for path, model in zip(paths[1:], models[1:], strict=True):
-        meta = _meta(model)
+def check_compatible(paths: Sequence[str], models: Sequence[Any]) -> list[Metadata]:
+    """Every member's metadata; a ModelError naming the first member that differs from the first one, and how."""
+    metas = [_meta(m, p) for m, p in zip(models, paths, strict=True)]
+    for path, model, meta in zip(paths[1:], models[1:], metas[1:], strict=True):
         for key in MUST_MATCH:
-            a, b = _fact(first, key), _fact(meta, key)
+            a, b = getattr(metas[0], key), getattr(meta, key)
             if a != b:
                 raise ModelError(
-                    f"cannot fuse with {paths[0]}: vggspec.{key} differs ({b} here, {a} there)", path,
+                    f"cannot fuse with {paths[0]}: vggspec.{key} differs ({_shown(b)} here, {_shown(a)} there)", path,
                     "members must share input size, preprocessing and form (fully_conv, flip); export them alike",
                 )
         _check_io_and_opset(paths[0], models[0], path, model)
+    return metas
+
+
+def _shown(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def _opset(model: Any) -> int:
@@ -80,9 +82,9 @@ def _output(model: Any, name: str) -> Any | None:
 def _scores_shapes_agree(models: Sequence[Any]) -> bool:
     """Score maps can be averaged only when every member's map has the same size; shape inference decides."""
     onnx = _onnx()
-    meta = _meta(models[0])
-    h, w = json.loads(meta["vggspec.input_size"])
-    sizes = [(h, w), (2 * h + 7, 2 * w + 3)] if meta.get("vggspec.fully_conv") == "true" else [(h, w)]
+    meta = from_props(_props(models[0]), "")
+    h, w = meta.input_size
+    sizes = [(h, w), (2 * h + 7, 2 * w + 3)] if meta.fully_conv else [(h, w)]
     for hw in sizes:
         shapes = set()
         for model in models:
@@ -130,7 +132,7 @@ def build_fused(paths: Sequence[str | Path]) -> Any:
         raise ModelError(f"the members total {total / 1e9:.1f} GB; one ONNX file is limited to 2 GB",
                          hint="fuse fewer or smaller (fp16) members, or use --ensemble at run time instead")
     models = [_load(p) for p in paths]
-    check_compatible(paths, models)
+    metas = check_compatible(paths, models)
     input_vi = models[0].graph.input[0]
     with_scores = all(_output(m, "scores") is not None for m in models) and _scores_shapes_agree(models)
     nodes, inits, infos = [], [], []
@@ -149,24 +151,19 @@ def build_fused(paths: Sequence[str | Path]) -> Any:
                               inits, value_info=infos)
     fused = helper.make_model(graph, opset_imports=list(models[0].opset_import),
                               ir_version=max(m.ir_version for m in models), producer_name="vggspec.fuse")
-    helper.set_model_props(fused, _fused_meta(models, with_scores))
+    helper.set_model_props(fused, to_props(_fused_meta(metas, with_scores)))
     onnx.checker.check_model(fused)
     return fused
 
 
-def _fused_meta(models: Sequence[Any], with_scores: bool) -> dict[str, str]:
-    metas = [_meta(m) for m in models]
-    meta = {k: v for k, v in metas[0].items() if k != "vggspec.spec"}  # no one spec describes an ensemble
-    names = [m.get("vggspec.name", f"m{i}") for i, m in enumerate(metas)]
-    meta["vggspec.name"] = "+".join(names)
-    meta["vggspec.members"] = json.dumps(names)
-    meta["vggspec.scores"] = "true" if with_scores else "false"
-    precisions = {m.get("vggspec.precision", "fp32") for m in metas}
-    meta["vggspec.precision"] = precisions.pop() if len(precisions) == 1 else "mixed"
-    labels = [m.get("vggspec.labels") for m in metas]
-    if any(lbl != labels[0] for lbl in labels):
-        meta.pop("vggspec.labels", None)  # members that disagree on names: keep only indices
-    return meta
+def _fused_meta(metas: Sequence[Metadata], with_scores: bool) -> Metadata:
+    """The first member's metadata, renamed for the ensemble; no one spec describes it, so none is kept."""
+    names = tuple(m.name for m in metas)
+    precisions = {m.precision for m in metas}
+    same_labels = all(m.labels == metas[0].labels for m in metas)
+    return replace(metas[0], name="+".join(names), members=names, scores=with_scores, spec="",
+                   precision=precisions.pop() if len(precisions) == 1 else "mixed",
+                   labels=metas[0].labels if same_labels else ())  # disagreeing names: indices only
 
 
 def fuse(models: Sequence[str | Path], output: str | Path) -> Path:

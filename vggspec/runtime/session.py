@@ -5,7 +5,6 @@ Imports only onnxruntime and numpy (onnxruntime lazily, so that importing this m
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import from_props, has_metadata
 from ..errors import ModelError
 from ..preprocessing import Preprocessing
 
@@ -170,17 +170,6 @@ def check_provider(device: str, provider: str, path: str | None = None) -> None:
 # ---------------------------------------------------------------- metadata
 
 
-def _flag(meta: dict[str, str], key: str) -> bool:
-    return meta.get(f"vggspec.{key}", "false").strip().lower() == "true"
-
-
-def _json(meta: dict[str, str], key: str, path: str) -> Any:
-    try:
-        return json.loads(meta[f"vggspec.{key}"])
-    except (ValueError, KeyError) as exc:
-        raise ModelError(f"metadata vggspec.{key} is not valid JSON ({exc})", path) from None
-
-
 def _input_layout(session: Any, path: str) -> tuple[Any, str, Any, list[Any]]:
     """The image input: (NodeArg, name, numpy dtype, shape); ModelError when it is not an image tensor."""
     inputs = session.get_inputs()
@@ -209,24 +198,19 @@ def read_info(session: Any, path: str | Path, overrides: Overrides | None = None
     meta = dict(session.get_modelmeta().custom_metadata_map)
     _, name, dtype, shape = _input_layout(session, path)
     outputs = tuple(o.name for o in session.get_outputs())
-    has_meta = "vggspec.input_size" in meta and "vggspec.preprocessing" in meta
-    base = _from_metadata(meta, path) if has_meta else _from_shape(shape, dtype, path, overrides)
+    base = _from_metadata(meta, path) if has_metadata(meta) else _from_shape(shape, dtype, path, overrides)
     info = replace(base, input_name=name, input_dtype=dtype, batch=_static(shape[0]), outputs=outputs, metadata=meta)
     info = _apply_overrides(info, overrides)
     _check_io(info, shape, session)
     return info
 
 
-def _from_metadata(meta: dict[str, str], path: str) -> ModelInfo:
-    size = _json(meta, "input_size", path)
-    labels = _json(meta, "labels", path) if "vggspec.labels" in meta else []
+def _from_metadata(props: dict[str, str], path: str) -> ModelInfo:
+    m = from_props(props, path, default_name=Path(path).stem)
     return ModelInfo(
-        path=path, name=meta.get("vggspec.name", Path(path).stem), classes=int(meta.get("vggspec.classes", 0) or 0),
-        input_size=(int(size[0]), int(size[1])), channels=int(meta.get("vggspec.channels", "3")),
-        preprocessing=Preprocessing.from_json(meta["vggspec.preprocessing"]), labels=tuple(map(str, labels)),
-        fully_conv=_flag(meta, "fully_conv"), flip=_flag(meta, "flip"),
-        embedded_preprocessing=_flag(meta, "embedded_preprocessing"), scores=_flag(meta, "scores"),
-        precision=meta.get("vggspec.precision", "fp32"), has_metadata=True,
+        path=path, name=m.name, classes=m.classes, input_size=m.input_size, channels=m.channels,
+        preprocessing=m.preprocessing, labels=m.labels, fully_conv=m.fully_conv, flip=m.flip,
+        embedded_preprocessing=m.embedded_preprocessing, scores=m.scores, precision=m.precision, has_metadata=True,
     )
 
 

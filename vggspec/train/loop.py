@@ -68,7 +68,7 @@ def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] |
 
 class Trainer:
     def __init__(self, config: TrainConfig, world: D.World, resume: bool, overrides: dict[str, Any]) -> None:
-        from .. import load_spec
+        from ..graph.load import load_spec
 
         self.world = world
         self.graph = load_spec(config.spec, config.sets)

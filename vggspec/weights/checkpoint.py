@@ -36,7 +36,7 @@ class Checkpoint:
     overrides: tuple[str, ...] = ()
 
     def metadata(self) -> dict[str, str]:
-        from .. import __version__
+        from ..version import __version__
 
         meta = {"format": "vggspec", "vggspec": __version__, "spec": self.spec, "source": self.source}
         if self.preprocessing is not None:

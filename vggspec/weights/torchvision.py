@@ -117,7 +117,7 @@ def _check_architecture(graph: LayerGraph, state: Mapping[str, Any], path: str |
 
 def _architecture_with(convs: int, fcs: int) -> str | None:
     """The torchvision architecture with that many conv and FC layers, from the shipped specs."""
-    from .. import load_spec
+    from ..graph.load import load_spec
 
     for arch, spec in ARCHITECTURES.items():
         graph = load_spec(spec)
