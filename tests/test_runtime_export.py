@@ -160,6 +160,7 @@ def test_predict_without_torch(vggspec_cli, models, images, bad_images, tmp):
     assert "too small: 20x20 pixels at its own size; the model needs at least 32x32" in r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp / "heat").iterdir()) == ["square.png", "wide.png"]
+    assert f"heat map of {good[1]}: {tmp / 'heat' / 'wide.png'}" in r.stderr
     # --ensemble is the average of the members, which is what the fused graph computes.
     fuse([models["dense"], models["dense2"]], tmp / "ens_cli.onnx")
     proto = Protocol("dense", (None,), True)

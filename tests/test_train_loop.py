@@ -186,3 +186,21 @@ def test_cli_data_digits_and_train_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "holds no training run" in result.output
     result = runner.invoke(main, ["train", "examples/digits.vgg", "--data", str(tmp_path / "d"), "--scale", "9:8"])
     assert result.exit_code == 2 and "--scale" in result.output
+
+
+def test_resuming_a_finished_run_says_so(tmp_path: Path, folder: Path) -> None:
+    from vggspec.cli import main
+
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    run = str(tmp_path / "run")
+
+    def train(epochs: int, *more: str) -> object:
+        return CliRunner().invoke(main, ["train", str(spec), "--data", str(folder), "--batch-size", "8", "--epochs",
+                                         str(epochs), "--workers", "0", "--scale", "10", "--no-progress", *more])
+
+    assert train(1, "-o", run).exit_code == 0
+    result = train(1, "--resume", run)
+    assert result.exit_code == 0, result.output
+    assert "already finished its 1 epochs" in result.output and "--epochs 11" in result.output
+    again = train(2, "--resume", run)
+    assert again.exit_code == 0 and "epoch 2" in again.output, again.output

@@ -120,22 +120,15 @@ def load_members(model: str, dense_model: str | None, crop_model: str | None, en
 
 
 def checkpoint_models(checkpoint: str) -> list[str]:
-    """Both forms of a vggspec checkpoint, exported (without torch) into a folder that lives as long
-    as the command: the paper's combined protocol needs the standard and the dense network."""
+    """Both forms of a vggspec checkpoint, exported into a folder that lives as long as the command."""
     import shutil
     import tempfile
 
-    from ..backends.onnx import export_onnx
-    from ..weights import checkpoint_graph, load_checkpoint
+    from ..backends.onnx_checkpoint import export_forms
 
-    ckpt = load_checkpoint(checkpoint)
-    graph = checkpoint_graph(ckpt, checkpoint)
     folder = Path(tempfile.mkdtemp(prefix="vggspec-predict-"))
     click.get_current_context().call_on_close(lambda: shutil.rmtree(folder, ignore_errors=True))
-    common = {"weights": ckpt.tensors, "labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
-    export_onnx(graph, folder / "standard.onnx", **common)
-    export_onnx(graph, folder / "dense.onnx", fully_conv=True, scores=True, **common)
-    return [str(folder / "standard.onnx"), str(folder / "dense.onnx")]
+    return [str(p) for p in export_forms(checkpoint, folder)]
 
 
 def build_protocols(names: Sequence[str], scale_sets: Sequence[str], flip: bool,
@@ -258,7 +251,8 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
         stem = f"{name}-{n}"
     used.add(stem)
     q = max((q for q in proto.scales if q is not None), default=None)
-    heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+    written = heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+    click.echo(f"heat map of {image}: {written}", err=True)  # stderr: --json output stays one object per line
 
 
 # ---------------------------------------------------------------- eval

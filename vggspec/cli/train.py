@@ -91,7 +91,11 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
         # Skipped images and the like: one plain line each, not Python's file:line warning format.
         warnings.showwarning = lambda message, *_: click.echo(f"warning: {message}", err=True)
         last = run(config, resume=resume is not None, overrides=overrides)
-    if last and _is_rank0():
+    if last.get("finished") and _is_rank0():
+        click.echo(f"{rundir}: the run already finished its {last['epoch']} epochs; nothing to do. Continue it with "
+                   f"`vggspec train --resume {rundir} --epochs {last['epoch'] + 10}` (any number above "
+                   f"{last['epoch']}).")
+    elif last and _is_rank0():
         click.echo(f"{rundir}: epoch {last['epoch']}, val top-1 error {100 * last['val_top1_err']:.2f}%, "
                    f"top-5 {100 * last['val_top5_err']:.2f}%; model in {rundir}/model.safetensors")
 

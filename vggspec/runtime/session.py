@@ -122,7 +122,9 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     """
     path = Path(path)
     if not path.exists():
-        raise ModelError("no such file", str(path))
+        hint = None if path.suffix else ("MODEL is an .onnx file or a .safetensors checkpoint, not a spec; "
+                                         f"make one with `vggspec export {path} -o {path.name}.onnx`")
+        raise ModelError("no such file", str(path), hint)
     if path.is_dir():
         raise ModelError("is a folder, not an ONNX model", str(path))
     providers = provider_list(device)

@@ -220,6 +220,8 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         train_tf, eval_tf = self._transforms()
+        if self.progress.epoch >= self.config.epochs:  # a resumed run that had already finished
+            return {"epoch": self.progress.epoch, "finished": True}
         train_set = self._dataset(self.train_split, train_tf)
         self.val_set = self._dataset(self.val_split, eval_tf)
         last: dict[str, Any] = {}
