@@ -395,7 +395,7 @@ def _set_metadata(model: onnx.ModelProto, graph: LayerGraph, opts: _Options, lab
     helper.set_model_props(model, to_props(contract))
     model.producer_name, model.producer_version, model.model_version = "vggspec", __version__, 1
     form = "dense-evaluation (fully convolutional)" if opts.dense else "standard"
-    source = meta.spec_path or "a spec"
+    source = Path(meta.spec_path).name if meta.spec_path else "a spec"  # no build-machine path: same bytes anywhere
     model.doc_string = f"{meta.name}: {form} {opts.precision} graph compiled by vggspec {__version__} from {source}"
 
 

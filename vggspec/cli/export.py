@@ -53,7 +53,9 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
     opset = DEFAULT_OPSET if opset is None else opset
     export_onnx(graph, output, fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
                 calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed, **kwargs)
-    form = ", fully convolutional" if fully_conv else ""
+    traits = [("fully convolutional", fully_conv), ("flips in-graph", flip), ("score map output", scores),
+              ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing)]
+    form = "".join(f", {name}" for name, on in traits if on)
     click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {opset}, {precision}{form})")
 
 
