@@ -11,3 +11,27 @@ def test_predict_given_a_spec_name_says_what_model_means(tmp_path) -> None:
     result = CliRunner().invoke(main, ["predict", "D", str(tmp_path / "cat.jpg")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "D: error: no such file" in result.output and ".onnx file or a .safetensors checkpoint" in result.output
+
+
+def _leaves(group, prefix=()):  # noqa: ANN001, ANN202
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaves(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_command_shows_real_examples() -> None:
+    for path, command in _leaves(main):
+        help_text = CliRunner().invoke(main, [*path, "--help"]).output
+        assert "Examples:" in help_text, path
+        lines = [x.strip() for x in command.epilog.splitlines() if x.strip().startswith("vggspec ")]
+        assert lines, path
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for line in lines:
+            words = line.split()
+            assert words[1:1 + len(path)] == list(path), line
+            unknown = [w for w in words if w.startswith("--") and w not in options]
+            assert not unknown, f"{line}: {unknown}"

@@ -82,3 +82,8 @@ def parse_hw(value: str | None) -> tuple[int, int] | None:
     if len(hw) != 2 or min(hw) < 1:
         raise click.BadParameter(f"'{value}' is not HxW with positive sizes")
     return hw  # type: ignore[return-value]
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: real invocations, kept on their own lines by click's \\b marker."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import click
 
-from .common import load_graph, set_option, spec_argument
+from .common import examples, load_graph, set_option, spec_argument
 
 SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without importing numpy here
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec build D --target torch -o vgg_d.py",
+    "vggspec build D --target onnx --set classes=10 -o d10.onnx",
+))
 @spec_argument
 @click.option("--target", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="torch: a standalone PyTorch module (.py); onnx: the ONNX graph with default options.")
@@ -47,7 +50,10 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
     click.echo(f"wrote {output} (classes {class_name(graph)} and {dense_class_name(graph)})")
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec init D --init-from runs/a/model.safetensors -o d_init.safetensors",
+    "vggspec init E --init xavier -o e.safetensors",
+))
 @spec_argument
 @click.option("--init", "scheme", type=click.Choice(SCHEMES), default=None,
               help="Initialisation scheme (default: the spec's `init`, else paper).")
@@ -86,7 +92,8 @@ def weights() -> None:
     """Convert weights between vggspec checkpoints and torchvision's or the Caffe release's layout."""
 
 
-@weights.command("import")
+@weights.command("import", epilog=examples(
+    "vggspec weights import --from torchvision vgg16.pth --spec D -o d.safetensors"))
 @click.option("--from", "source", type=click.Choice(["torchvision", "caffe"]), required=True,
               help="torchvision: a .pth state_dict (features.N, classifier.N); "
                    "caffe: the original release's blobs as .npz/.safetensors (conv1_1.weight, ...).")
@@ -128,7 +135,8 @@ def _torchvision_spec(spec: str, sets: tuple[str, ...]) -> tuple[str, tuple[str,
     return spec, sets
 
 
-@weights.command("export")
+@weights.command("export", epilog=examples(
+    "vggspec weights export --to torchvision d.safetensors -o vgg16.pth"))
 @click.option("--to", "target", type=click.Choice(["torchvision", "caffe"]), required=True,
               help="torchvision: a .pth state_dict for torchvision.models.vggNN[_bn]; caffe: .npz of Caffe blobs.")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))

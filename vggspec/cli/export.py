@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import load_graph, set_option
+from .common import examples, load_graph, set_option
 
 
 def _size(path: Path) -> str:
@@ -18,7 +18,10 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec export D --weights d.safetensors -o d.onnx",
+    "vggspec export --weights d.safetensors --fully-conv --flip --scores -o d_dense.onnx",
+    "vggspec export D --weights d.safetensors --precision int8 --calibration calib/ -o d_int8.onnx"))
 @click.argument("spec", metavar="[SPEC]", required=False)
 @click.option("--weights", metavar="CKPT", type=click.Path(dir_okay=False),
               help="A vggspec checkpoint (.safetensors); its preprocessing and labels go into the metadata. "

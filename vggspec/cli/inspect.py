@@ -7,10 +7,14 @@ import shutil
 
 import click
 
-from .common import load_graph, parse_hw, set_option, spec_argument
+from .common import examples, load_graph, parse_hw, set_option, spec_argument
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec summary D",
+    "vggspec summary D --input 384x384 --json",
+    "vggspec summary D --set width=1/8 --set input=64x64x3 --set classes=10",
+))
 @spec_argument
 @click.option("--input", "input_hw", metavar="HxW", help="Evaluate the dense form at this input size (e.g. 384x384).")
 @click.option("--fully-conv", is_flag=True, help="Summarise the dense-evaluation (fully convolutional) form.")
@@ -37,7 +41,10 @@ def summary(spec: str, input_hw: str | None, fully_conv: bool, as_json: bool, se
     Console(width=max(100, shutil.get_terminal_size().columns)).print(render_table(graph))
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec graph D -o d.svg",
+    "vggspec graph D --fully-conv -o d_dense.png",
+))
 @spec_argument
 @click.option("-o", "--output", required=True, metavar="FILE", help="Picture to write: .svg, .png, .pdf or .dot.")
 @click.option("--fully-conv", is_flag=True, help="Draw the dense-evaluation form.")

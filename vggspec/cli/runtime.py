@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .common import parse_hw
+from .common import examples, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
@@ -154,7 +154,9 @@ def _error_line(path: str, message: str) -> None:
 # ---------------------------------------------------------------- predict
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec predict d_dense.onnx cat.jpg --scales 256,384,512 --heatmap heat/",
+    "vggspec predict d.safetensors cat.jpg --protocol combined --scales 256,384,512"))
 @click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
 @click.option("--protocol", type=PROTOCOL_CHOICE, default=None,
@@ -258,7 +260,10 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
 # ---------------------------------------------------------------- eval
 
 
-@click.command(name="eval")
+@click.command(name="eval", epilog=examples(
+    "vggspec eval d_dense.onnx --data val/ --scales 256 --scales 256,384,512",
+    "vggspec eval d_dense.onnx --data val/ --protocol dense --protocol multi-crop --protocol combined",
+    "vggspec eval d_dense.onnx --ensemble e_dense.onnx --data val/ --predictions de.csv"))
 @click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
               help="Labelled images: DIR/<class>/<image>; classes in sorted folder order unless the model has labels.")
@@ -339,7 +344,7 @@ def _print_table(report: Report, runner: Runner, members: list[Member], data: st
 # ---------------------------------------------------------------- fuse
 
 
-@click.command()
+@click.command(epilog=examples("vggspec fuse d_dense.onnx e_dense.onnx -o de_dense.onnx"))
 @click.argument("models", metavar="M1.onnx M2.onnx...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, metavar="ENS.onnx", help="The fused model to write (atomically).")
 def fuse(models: tuple[str, ...], output: str) -> None:

@@ -10,7 +10,7 @@ import warnings
 import click
 
 from ..train.config import RESUMABLE_OVERRIDES
-from .common import set_option, spec_argument
+from .common import examples, set_option, spec_argument
 
 
 def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
@@ -25,7 +25,10 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(exc.message) from None
 
 
-@click.command()
+@click.command(epilog=examples(
+    "vggspec train examples/digits.vgg --data data/digits -o runs/digits --batch-size 32 --epochs 15",
+    "vggspec train D --data imagenet/ --scale 256:512 --weights runs/d384/model.safetensors --lr 1e-3",
+    "vggspec train D --data imagenet/ --resume runs/d"))
 @spec_argument
 @click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
               help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*.")
@@ -117,7 +120,7 @@ def data() -> None:
     """Data sets for training."""
 
 
-@data.command()
+@data.command(epilog=examples("vggspec data digits data/digits"))
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--size", type=click.IntRange(8), default=32, show_default=True, help="Side of the written images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified 70/15/15 split.")
@@ -131,7 +134,9 @@ def digits(out: str, size: int, seed: int, force: bool) -> None:
     click.echo(f"wrote {out}: {listed} images, {size}x{size} grayscale")
 
 
-@data.command()
+@data.command(epilog=examples(
+    "vggspec data scenes data/scenes --preview scenes.png",
+    "vggspec data scenes data/easy --clutter 0.5 --min-digit 32"))
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--size", type=click.IntRange(16), default=96, show_default=True, help="Side of the written images.")
 @click.option("--train", "n_train", type=click.IntRange(0), default=6000, show_default=True, help="Training images.")
