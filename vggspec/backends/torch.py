@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import keyword
 import re
 import sys
 import types
@@ -55,7 +56,8 @@ def class_name(graph: LayerGraph) -> str:
     """The training class's name: the spec name in CamelCase (`vgg_d` -> `VggD`, `vgg-a-lrn` -> `VggALrn`)."""
     parts = [p for p in re.split(r"[_\-]+", graph.meta.name) if p]
     name = "".join(p[:1].upper() + p[1:] for p in parts) or "Network"
-    return name if name.isidentifier() else f"Vgg{name}"
+    # `name: None` must not become `class None(nn.Module)`: keywords and non-identifiers get a prefix.
+    return name if name.isidentifier() and not keyword.iskeyword(name) else f"Vgg{name}"
 
 
 def dense_class_name(graph: LayerGraph) -> str:

@@ -16,6 +16,7 @@ from .layergraph import GraphMeta, LayerGraph
 
 MAX_PARAMS = 10**10  # 40 GB of float32: beyond any machine this runs on
 MAX_MACS = 10**15
+MAX_LAYERS = 2048  # layer tokens after repetition: E has 25, a 100-stage network 500
 
 # AlexNet's LRN: b = a / (k + alpha * sum a^2)^beta. PyTorch and ONNX divide alpha by n,
 # so the graph stores alpha * n to compute the same function.
@@ -85,6 +86,8 @@ class _Namer:
 def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
     header = tree.header
     assert header is not None
+    if _too_many_layers(tree, sink):
+        return [Layer("input", "input", {}, 1)]
     namer = _Namer()
     layers = [Layer("input", "input", {}, 1)]
     fcs = [t for t in tree.layers if t.kind == "fc"]
@@ -150,6 +153,20 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
 def scaled(channels: int, width: float) -> int:
     """A layer's width under the `width` multiplier: the nearest integer (halves up), at least 1."""
     return max(1, math.floor(channels * width + 0.5))
+
+
+def _too_many_layers(tree: SpecTree, sink: DiagnosticSink) -> bool:
+    """Bound the whole network before expanding it: the per-token *1024 cap alone lets a few kilobytes of
+    spec ask for hundreds of thousands of layers."""
+    total = 0
+    for token in tree.layers:
+        total += token.repeat
+        if total > MAX_LAYERS:
+            count = sum(t.repeat for t in tree.layers)
+            sink.error(token.span, f"the network has {count:,} layer tokens after repetition; "
+                       f"vggspec builds at most {MAX_LAYERS:,}", "VGG's deepest configuration, E, has 25")
+            return True
+    return False
 
 
 def _check_size(layers: list[Layer], sink: DiagnosticSink) -> None:

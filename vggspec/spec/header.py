@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 MAX_SIDE = 16384
@@ -23,7 +23,7 @@ class HeaderValueError(ValueError):
 def _name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
         raise HeaderValueError(
-            f"name '{text}' is not an identifier",
+            f"name '{_short(text)}' is not an identifier",
             "use letters, digits, '-' and '_', starting with a letter",
         )
     return text
@@ -32,13 +32,13 @@ def _name(text: str) -> str:
 def _input(text: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"\s*([^xX\s]+)\s*[xX]\s*([^xX\s]+)\s*(?:[xX]\s*([^xX\s]+)\s*)?", text)
     if not m:
-        raise HeaderValueError(f"input '{text}' is not HxWxC", "write it as 224x224x3")
+        raise HeaderValueError(f"input '{_short(text)}' is not HxWxC", "write it as 224x224x3")
     parts = [m.group(1), m.group(2), m.group(3) or "3"]
     values = []
     for what, part in zip(("height", "width", "channels"), parts, strict=True):
-        if not re.fullmatch(r"\d+", part):
-            raise HeaderValueError(f"input {what} '{part}' is not a positive integer")
-        values.append(int(part))
+        if not re.fullmatch(r"\d{1,9}", part.lstrip("0") or "0"):
+            raise HeaderValueError(f"input {what} '{_short(part)}' is not a positive integer")
+        values.append(int(part.lstrip("0") or "0"))
     h, w, c = values
     if h < 1 or w < 1 or c < 1:
         raise HeaderValueError("input sizes must be at least 1")
@@ -50,8 +50,9 @@ def _input(text: str) -> tuple[int, int, int]:
 
 
 def _positive_int(text: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()) or int(text) < 1:
-        raise HeaderValueError(f"'{text}' is not a positive integer")
+    digits = text.strip().lstrip("0") or "0"
+    if not re.fullmatch(r"\d{1,9}", digits) or int(digits) < 1:
+        raise HeaderValueError(f"'{_short(text)}' is not a positive integer")
     return int(text)
 
 
@@ -65,11 +66,24 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+_NUMBER_HINT = "write a decimal or a fraction such as 1/255"
+
+
 def _number(text: str) -> float:
+    """A decimal or a fraction a/b. Parsed as floats (never an exact Fraction: '1e999999999' would be a
+    billion-digit integer); overflow and NaN are errors like any other bad number."""
+    num, slash, den = text.strip().partition("/")
     try:
-        return float(Fraction(text.strip()))
+        value = float(num) / float(den) if slash else float(num)
     except (ValueError, ZeroDivisionError):
-        raise HeaderValueError(f"'{text}' is not a number", "write a decimal or a fraction such as 1/255") from None
+        raise HeaderValueError(f"'{_short(text)}' is not a number", _NUMBER_HINT) from None
+    if not math.isfinite(value):
+        raise HeaderValueError(f"'{_short(text)}' is not a finite number", _NUMBER_HINT)
+    return value
+
+
+def _short(text: str, keep: int = 24) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def _probability(text: str) -> float:

@@ -15,7 +15,7 @@ MAX_WIDTH = 1 << 20
 MAX_REPEAT = 1024
 OVERRIDE_PATH = "<--set>"
 
-_HEADER = re.compile(r"^(\s*)([A-Za-z_][\w\-]*)\s*:\s*(.*?)\s*$")
+_HEADER = re.compile(r"^(\s*)([A-Za-z_][\w\-]*)[ \t]*:(.*)$")  # greedy and trimmed below: linear time
 _WORD = re.compile(r"\S+")
 _CANONICAL = ("maxpool", "lrn", "soft-max")
 
@@ -36,10 +36,9 @@ def parse(source: str, path: str = "<spec>", overrides: tuple[str, ...] = ()) ->
             if in_layers:
                 sink.error(span, "header line after the first layer", "move header lines to the top of the spec")
                 continue
-            value_col = line.index(m.group(3), m.end(2)) + 1 if m.group(3) else len(line) + 1
-            entry = HeaderEntry(
-                m.group(2).lower(), m.group(3), span, Span(lineno, value_col, max(1, len(m.group(3)))), path
-            )
+            value = m.group(3).strip()
+            value_col = m.start(3) + (len(m.group(3)) - len(m.group(3).lstrip())) + 1 if value else len(line) + 1
+            entry = HeaderEntry(m.group(2).lower(), value, span, Span(lineno, value_col, max(1, len(value))), path)
             _add_entry(tree, entry, sink)
             continue
         in_layers = True
@@ -125,10 +124,10 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
     repeat = 1
     if "*" in text:
         text, _, count = text.rpartition("*")
-        if not re.fullmatch(r"\d+", count) or not 1 <= int(count) <= MAX_REPEAT:
+        if not re.fullmatch(r"\d{1,9}", count) or not 1 <= int(count) <= MAX_REPEAT:
             sink.error(
                 span,
-                f"repetition '*{count}' must be an integer from 1 to {MAX_REPEAT}",
+                f"repetition '*{_shorten(count)}' must be an integer from 1 to {MAX_REPEAT}",
                 f"write e.g. {text or 'conv3-64'}*3",
             )
             return None
@@ -160,11 +159,18 @@ def _number_in(text: str, what: str, span: Span, sink: DiagnosticSink, low: int,
     if not re.fullmatch(r"-?\d+", text):
         sink.error(span, f"{what} '{text}' is not a number")
         return 0
+    if len(text.lstrip("-0")) > len(str(high)):  # before int(): thousands of digits must not reach it
+        sink.error(span, f"{what} '{_shorten(text)}' is out of range", f"it must be between {low} and {high}")
+        return 0
     value = int(text)
     if not low <= value <= high:
         sink.error(span, f"{what} {value} is out of range", f"it must be between {low} and {high}")
         return 0
     return value
+
+
+def _shorten(text: str, keep: int = 12) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def _suggest(text: str) -> str | None:
