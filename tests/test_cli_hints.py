@@ -35,3 +35,21 @@ def test_every_command_shows_real_examples() -> None:
             assert words[1:1 + len(path)] == list(path), line
             unknown = [w for w in words if w.startswith("--") and w not in options]
             assert not unknown, f"{line}: {unknown}"
+
+
+def test_a_missing_extra_says_what_to_install(run_without_torch, tmp_path) -> None:
+    code = """
+    import sys
+    from click.testing import CliRunner
+    from vggspec.cli import main
+    result = CliRunner().invoke(main, sys.argv[1:])
+    print(result.exit_code)
+    print(result.output)
+    """
+    (tmp_path / "train").mkdir()
+    for args in (["train", "A", "--data", str(tmp_path)], ["weights", "import", "--from", "torchvision",
+                                                           str(tmp_path / "x.pth"), "--spec", "A", "-o", "a.st"]):
+        r = run_without_torch(code.replace("sys.argv[1:]", repr(args)), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        status, output = r.stdout.split("\n", 1)
+        assert status == "1" and "internal error" not in output and "pip install 'vggspec[train]'" in output, output

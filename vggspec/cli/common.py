@@ -15,6 +15,11 @@ from ..graph import LayerGraph, PassError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Optional dependencies and the extra that brings each: a missing one is the user's setup, not our bug.
+EXTRAS = {"torch": "vggspec[train]", "torchvision": "vggspec[train]", "sklearn": "vggspec[train]",
+          "onnxruntime": "vggspec[cpu]"}
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line on stderr and exit."""
     click.echo(message, err=True)
@@ -37,15 +42,24 @@ class ErrorHandlingGroup(click.Group):
             fail("interrupted", 130)
         except MemoryError:
             fail("error: out of memory", 1)
+        except ModuleNotFoundError as exc:
+            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            if extra is None:
+                _internal(exc)
+            fail(f"error: this command needs {exc.name}, which is not installed\n  hint: pip install '{extra}'", 1)
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             fail(f"{where}error: {exc.strerror or exc}", 1)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug of ours: say so in one line; VGGSPEC_DEBUG=1 shows the trace
-            if os.environ.get("VGGSPEC_DEBUG"):
-                raise
-            fail(f"internal error: {type(exc).__name__}: {exc} (set VGGSPEC_DEBUG=1 for the traceback)", 70)
+            _internal(exc)
+
+
+def _internal(exc: Exception) -> None:
+    if os.environ.get("VGGSPEC_DEBUG"):
+        raise exc
+    fail(f"internal error: {type(exc).__name__}: {exc} (set VGGSPEC_DEBUG=1 for the traceback)", 70)
 
 
 def spec_argument(f: F) -> F:
