@@ -38,6 +38,7 @@ def test_round_trip() -> None:
 
 @pytest.mark.parametrize(("name", "value", "fault"), [
     ("classes", "two", "not a positive integer"),
+    ("classes", "\u00b2", "not a positive integer"),
     ("input_size", "[32]", "not [H, W]"),
     ("input_size", "[32, -1]", "not [H, W]"),
     ("input_size", "{", "not valid JSON"),

@@ -146,9 +146,10 @@ class _Reader:
         text = self.props.get(key(name))
         if text is None:
             return default
-        if not text.strip().isdigit() or len(text.strip()) > 9 or (int(text) == 0 and not allow_zero):
+        digits = text.strip()
+        if not (digits.isascii() and digits.isdecimal()) or len(digits) > 9 or (int(digits) == 0 and not allow_zero):
             self.fail(name, "is not a positive integer")
-        return int(text)
+        return int(digits)
 
     def size(self) -> tuple[int, int]:
         value = self._json("input_size")

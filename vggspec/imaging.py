@@ -170,6 +170,13 @@ def normalise(batch: np.ndarray, prep: Preprocessing, shift: np.ndarray | None =
     return x if prep.layout == "NHWC" else x.transpose(0, 3, 1, 2)
 
 
+def model_input(batch: np.ndarray, prep: Preprocessing, embedded: bool = False, dtype: Any = np.float32) -> np.ndarray:
+    """What a model's input takes: raw uint8 NHWC when it embeds preprocessing, else normalised `dtype`."""
+    if embedded:
+        return np.ascontiguousarray(batch, dtype=np.uint8)
+    return np.ascontiguousarray(normalise(batch, prep), dtype=dtype)
+
+
 # --- folders ----------------------------------------------------------------------------------
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ..errors import DataError, VggspecError
-from ..imaging import IMAGE_EXTENSIONS, center_crop, list_images, load_pixels, normalise
+from ..imaging import IMAGE_EXTENSIONS, center_crop, list_images, load_pixels, model_input
 from ..preprocessing import Preprocessing
 
 # The network's compute ops; the head (spatial mean, soft-max, flip average) stays float32.
@@ -54,10 +54,7 @@ def calibration_inputs(feed: Feed, images: list[Path]) -> Iterator[np.ndarray]:
     by vggspec.imaging, exactly as training evaluates and the runtime predicts."""
     for path in images:
         pixels = center_crop(load_pixels(path, feed.channels, min(feed.size)), feed.size)[None]
-        if feed.embedded:
-            yield np.ascontiguousarray(pixels, dtype=np.uint8)
-        else:
-            yield np.ascontiguousarray(normalise(pixels, feed.preprocessing), dtype=np.float32)
+        yield model_input(pixels, feed.preprocessing, feed.embedded)
 
 
 def _reader(model: onnx.ModelProto, feed: Feed, images: list[Path]) -> object:

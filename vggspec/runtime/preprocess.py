@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..imaging import load_pixels, normalise
+from ..imaging import load_pixels, model_input
 from .session import ModelInfo
 
 
@@ -24,9 +24,7 @@ def check_size(pixels: np.ndarray, minimum: tuple[int, int], path: str | None, q
 
 def to_input(batch: np.ndarray, info: ModelInfo) -> np.ndarray:
     """What the model's input takes: raw uint8 NHWC when it embeds preprocessing, else normalised floats."""
-    if info.embedded_preprocessing:
-        return np.ascontiguousarray(batch, dtype=np.uint8)
-    return np.ascontiguousarray(normalise(batch, info.preprocessing), dtype=info.input_dtype)
+    return model_input(batch, info.preprocessing, info.embedded_preprocessing, info.input_dtype)
 
 
 def preprocess(path: str | Path, info: ModelInfo, q: int | None) -> np.ndarray:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def shorten(text: str, keep: int = 24) -> str:
+    """A value quoted in a message: a 5,000-digit number or a 30,000-space line must not fill the screen."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Span:
     """A 1-based position in a source, and how many characters it covers."""

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import shorten
+
 MAX_SIDE = 16384
 MAX_CHANNELS_IN = 64
 
@@ -23,7 +25,7 @@ class HeaderValueError(ValueError):
 def _name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text):
         raise HeaderValueError(
-            f"name '{_short(text)}' is not an identifier",
+            f"name '{shorten(text)}' is not an identifier",
             "use letters, digits, '-' and '_', starting with a letter",
         )
     return text
@@ -32,12 +34,12 @@ def _name(text: str) -> str:
 def _input(text: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"\s*([^xX\s]+)\s*[xX]\s*([^xX\s]+)\s*(?:[xX]\s*([^xX\s]+)\s*)?", text)
     if not m:
-        raise HeaderValueError(f"input '{_short(text)}' is not HxWxC", "write it as 224x224x3")
+        raise HeaderValueError(f"input '{shorten(text)}' is not HxWxC", "write it as 224x224x3")
     parts = [m.group(1), m.group(2), m.group(3) or "3"]
     values = []
     for what, part in zip(("height", "width", "channels"), parts, strict=True):
         if not re.fullmatch(r"\d{1,9}", part.lstrip("0") or "0"):
-            raise HeaderValueError(f"input {what} '{_short(part)}' is not a positive integer")
+            raise HeaderValueError(f"input {what} '{shorten(part)}' is not a positive integer")
         values.append(int(part.lstrip("0") or "0"))
     h, w, c = values
     if h < 1 or w < 1 or c < 1:
@@ -52,7 +54,7 @@ def _input(text: str) -> tuple[int, int, int]:
 def _positive_int(text: str) -> int:
     digits = text.strip().lstrip("0") or "0"
     if not re.fullmatch(r"\d{1,9}", digits) or int(digits) < 1:
-        raise HeaderValueError(f"'{_short(text)}' is not a positive integer")
+        raise HeaderValueError(f"'{shorten(text)}' is not a positive integer")
     return int(text)
 
 
@@ -76,14 +78,11 @@ def _number(text: str) -> float:
     try:
         value = float(num) / float(den) if slash else float(num)
     except (ValueError, ZeroDivisionError):
-        raise HeaderValueError(f"'{_short(text)}' is not a number", _NUMBER_HINT) from None
+        raise HeaderValueError(f"'{shorten(text)}' is not a number", _NUMBER_HINT) from None
     if not math.isfinite(value):
-        raise HeaderValueError(f"'{_short(text)}' is not a finite number", _NUMBER_HINT)
+        raise HeaderValueError(f"'{shorten(text)}' is not a finite number", _NUMBER_HINT)
     return value
 
-
-def _short(text: str, keep: int = 24) -> str:
-    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def _probability(text: str) -> float:

@@ -6,7 +6,7 @@ import difflib
 import re
 from dataclasses import fields
 
-from .errors import DiagnosticSink, Span
+from .errors import DiagnosticSink, Span, shorten
 from .header import KEYS, HeaderValueError
 from .syntax import Header, HeaderEntry, LayerToken, SpecTree
 
@@ -127,7 +127,7 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
         if not re.fullmatch(r"\d{1,9}", count) or not 1 <= int(count) <= MAX_REPEAT:
             sink.error(
                 span,
-                f"repetition '*{_shorten(count)}' must be an integer from 1 to {MAX_REPEAT}",
+                f"repetition '*{shorten(count)}' must be an integer from 1 to {MAX_REPEAT}",
                 f"write e.g. {text or 'conv3-64'}*3",
             )
             return None
@@ -160,17 +160,13 @@ def _number_in(text: str, what: str, span: Span, sink: DiagnosticSink, low: int,
         sink.error(span, f"{what} '{text}' is not a number")
         return 0
     if len(text.lstrip("-0")) > len(str(high)):  # before int(): thousands of digits must not reach it
-        sink.error(span, f"{what} '{_shorten(text)}' is out of range", f"it must be between {low} and {high}")
+        sink.error(span, f"{what} '{shorten(text)}' is out of range", f"it must be between {low} and {high}")
         return 0
     value = int(text)
     if not low <= value <= high:
         sink.error(span, f"{what} {value} is out of range", f"it must be between {low} and {high}")
         return 0
     return value
-
-
-def _shorten(text: str, keep: int = 12) -> str:
-    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def _suggest(text: str) -> str | None:
