@@ -53,3 +53,11 @@ def test_a_missing_extra_says_what_to_install(run_without_torch, tmp_path) -> No
         assert r.returncode == 0, r.stderr
         status, output = r.stdout.split("\n", 1)
         assert status == "1" and "internal error" not in output and "pip install 'vggspec[train]'" in output, output
+
+
+def test_eval_checks_its_predictions_path_before_any_work(tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "p.csv"
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path),
+                                       "--predictions", str(missing)])
+    assert result.exit_code == 1 and "does not exist" in result.output and "m.onnx" not in result.output
+    assert not missing.parent.exists()

@@ -287,6 +287,10 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
     from ..errors import DataError
     from ..runtime import Runner, list_dataset
 
+    if predictions:
+        from ..atomic import check_output_path
+
+        check_output_path(predictions)  # before the evaluation, not after it
     members = load_members(model, dense_model, crop_model, ensemble, device, threads,
                            _overrides(size, mean, std, scale, labels))
     runner = Runner(members, build_protocols(protocols, scale_sets, flip, members), batch_size)

@@ -105,7 +105,7 @@ MAX_WIDTH_MULTIPLIER = 16
 def _width(text: str) -> float:
     w = _number(text)
     if not 0 < w <= MAX_WIDTH_MULTIPLIER:
-        raise HeaderValueError(f"width {w:g} is outside (0, {MAX_WIDTH_MULTIPLIER}]",
+        raise HeaderValueError(f"{w:g} is outside (0, {MAX_WIDTH_MULTIPLIER}]",
                                "a multiplier of every layer's channels, e.g. 1/8 for a net eight times narrower")
     return w
 
