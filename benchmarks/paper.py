@@ -125,6 +125,11 @@ def make_data(cfg: Config, plan: Plan) -> Path:
     return data
 
 
+def _last_train_command(log: Path) -> str | None:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return next((line for line in reversed(lines) if line.startswith("$ vggspec train ")), None)
+
+
 def start_from(net: Net, root: Path) -> list[str]:
     """Section 3.1's initialisations: deeper nets take A's first four conv and last three FC layers; jittered
     nets are fine-tuned from the fixed-S net of their configuration at a tenth of the rate."""
@@ -139,20 +144,21 @@ def train(net: Net, data: Path, plan: Plan) -> Net:
     """`vggspec train` with the paper's recipe (scaled down), then the dense ONNX form; skipped when done."""
     metrics = net.rundir / "metrics.jsonl"
     epochs = plan.tune_epochs if net.jittered else plan.epochs
-    done = metrics.exists() and len(metrics.read_text().splitlines()) >= epochs
     log = net.rundir.parent / f"{net.key}.log"
+    scale = f"{JITTER[0]}:{JITTER[1]}" if net.jittered else str(S_FIXED)
+    args = ["train", net.config, *sets_args(SETS), "--data", str(data), "-o", str(net.rundir),
+            *start_from(net, net.rundir.parent), "--scale", scale, "--batch-size", str(plan.batch),
+            "--epochs", str(epochs), "--patience", str(plan.patience), "--no-flip", "--workers", "0",
+            "--threads", "1", "--no-progress"]
+    # A cached run counts only when the log says it was trained by this very command: other settings retrain.
+    done = metrics.exists() and _last_train_command(log) == f"$ vggspec {' '.join(args)}"
     if not done:
         if net.rundir.exists():
             import shutil
 
             shutil.rmtree(net.rundir)
-        scale = f"{JITTER[0]}:{JITTER[1]}" if net.jittered else str(S_FIXED)
         start = time.perf_counter()
-        vggspec("train", net.config, *sets_args(SETS), "--data", str(data), "-o", str(net.rundir),
-                *start_from(net, net.rundir.parent), "--scale", scale, "--batch-size", str(plan.batch),
-                "--epochs", str(epochs),
-                "--patience", str(plan.patience), "--no-flip", "--workers", "0", "--threads", "1",
-                "--no-progress", log=log)
+        vggspec(*args, log=log)
         (net.rundir / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     wall = net.rundir / "wall_seconds.txt"  # the whole `vggspec train` command: set-up, epochs, validation
     net.train_seconds = float(wall.read_text()) if wall.exists() else math.nan
