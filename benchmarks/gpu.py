@@ -1,184 +1,180 @@
-"""Section 7: the GPU, as one short prepared script (GPU time is scarce).
+"""Section 7: the GPU figures, measured on an NVIDIA H200 and kept in benchmarks/gpu.json.
 
-    .venv/bin/python benchmarks/gpu.py [--spec D] [--out DIR]   # standalone: prints JSON, writes DIR/gpu.json
-    .venv/bin/python -m benchmarks --only gpu                   # inside the suite
+    .venv/bin/python -m benchmarks --only gpu        # renders benchmarks/gpu.json into RESULTS.md (no GPU needed)
+    bash benchmarks/gpu_device.sh PART PHASE...      # on a GPU machine: measures (see benchmarks/gpu_run.py)
 
-Measures, when onnxruntime has the CUDA provider and torch sees a CUDA device:
-1. parity: onnxruntime CUDA against CPU on the same batch (max relative error of posteriors, top-1 agreement);
-2. throughput of D at batch 1 and 64 on CUDA with IO binding (input copied once, outputs left on the
-   device), against plain session.run (host copies every call), interleaved;
-3. a bf16-autocast training step of the generated module at 224, against the same step in fp32.
-Where there is no GPU it says so, plainly, and measures nothing.
-
-Needs onnxruntime-gpu (vggspec[gpu]) in place of onnxruntime for the CUDA provider.
+GPU time is scarce and CI has no GPU, so the measuring script (gpu_run.py) runs on a GPU machine and
+writes JSON; this section only renders what was measured there, with where and how. It never
+measures on the CPU and never reports a dry run's figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "benchmarks"
-
-import numpy as np  # noqa: E402
-
-from .common import D_GMACS, Config, d_onnx, interleave, median, paired_ratio  # noqa: E402
-from .report import Section  # noqa: E402
+from .common import D_GMACS, Config
+from .report import Section
 
 TITLE = "7. GPU"
-CUDA = "CUDAExecutionProvider"
+DATA = Path(__file__).resolve().parent / "gpu.json"
+PLOT = Path(__file__).resolve().parent.parent / "examples" / "gpu_training.png"
+# The H200 SXM's dense (no sparsity) tensor rates from NVIDIA's datasheet, TFLOP/s.
+DATASHEET = {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}
+GFLOP_PER_IMAGE = 2 * D_GMACS
+MODES = {"fp32": "fp32", "bf16": "bf16 autocast", "bf16_channels_last": "bf16 + channels_last",
+         "bf16_channels_last_compile": "bf16 + channels_last + compile"}
 
 
 def command(cfg: Config) -> str:
-    return ".venv/bin/python benchmarks/gpu.py --out DIR"
+    return "bash benchmarks/gpu_device.sh PART env torchrun torch train ort  (on the GPU machine)"
 
 
-def detect() -> tuple[bool, str]:
-    """(usable, why): both onnxruntime's CUDA provider and a torch CUDA device are needed."""
-    import onnxruntime as ort
-
-    reasons = []
-    if CUDA not in ort.get_available_providers():
-        have = ", ".join(ort.get_available_providers())
-        reasons.append(f"onnxruntime {ort.__version__} has no {CUDA} (providers: {have})")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            reasons.append(f"torch {torch.__version__} sees no CUDA device")
-    except ImportError:
-        reasons.append("torch is not installed")
-    return not reasons, "; ".join(reasons)
+def load() -> dict[str, Any] | None:
+    if not DATA.exists():
+        return None
+    data = json.loads(DATA.read_text())
+    dry = [k for k, v in data.items() if isinstance(v, dict) and v.get("dry_run")]
+    if dry:
+        raise ValueError(f"{DATA} holds dry-run phases ({', '.join(dry)}): those are CPU figures, not GPU ones")
+    return data
 
 
-def _session(path: Path, provider: str) -> Any:
-    import onnxruntime as ort
-
-    from vggspec.runtime.session import session_options
-
-    return ort.InferenceSession(str(path), sess_options=session_options(), providers=[provider, "CPUExecutionProvider"])
+def _tflops(images_per_s: float) -> float:
+    return images_per_s * GFLOP_PER_IMAGE / 1e3
 
 
-def parity(model: Path, batch: int = 4) -> dict[str, float]:
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), np.float32)
-    cpu = _session(model, "CPUExecutionProvider").run(["probs"], {"input": x})[0]
-    gpu = _session(model, CUDA).run(["probs"], {"input": x})[0]
-    rel = float(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))
-    return {"relative_error": rel, "top1_agreement": float(np.mean(gpu.argmax(1) == cpu.argmax(1)))}
+def inference_table(d: dict[str, Any]) -> list[tuple[str, str, dict[str, float]]]:
+    """(engine, settings, {b1, b8, b64: images/s}) for every D inference variant measured."""
+    t, ort, p = d["torch"], d["ort"]["throughput"], d["probes"]
+    ips = lambda r: {b: v["images_per_s"] for b, v in r.items()}  # noqa: E731
+    nhwc, flag = p["nhwc"], p["fp16_tf32_flag"]
+    return [
+        ("onnxruntime", "fp32, TF32 off (use_tf32=0)", ips(ort["fp32"])),
+        ("onnxruntime", "fp32 model, TF32 (onnxruntime's default), NCHW", {k.split("_")[0]: v for k, v in
+                                                                          nhwc["fp32_tf32"].items()}),
+        ("onnxruntime", "fp32 model, TF32, NHWC (vggspec's default)", {k.split("_")[0]: v for k, v in
+                                                                      nhwc["fp32_tf32_nhwc"].items()}),
+        ("onnxruntime", "fp16 model, NCHW", flag["tf32on"]),
+        ("onnxruntime", "fp16 model, NHWC (vggspec's default)", flag["nhwc_tf32on"]),
+        ("onnxruntime", "fp16 model with use_tf32=0 (a trap)", flag["tf32off"]),
+        ("onnxruntime", "int8 QDQ model", {"b64": d["ort"]["int8"]["b64"]["images_per_s"]}),
+        ("torch eager", "fp32, TF32 off, channels_last", ips(t["eager"]["fp32"])),
+        ("torch eager", "TF32, channels_last", ips(t["eager"]["tf32"])),
+        ("torch eager", "fp16, channels_last", ips(t["eager"]["fp16"])),
+        ("torch.compile", "fp16, channels_last", ips(t["compile"])),
+    ]
 
 
-def _bound_runner(sess: Any, x: np.ndarray) -> Any:
-    """A run with the input on the device (copied once, here) and the output allocated there."""
-    import onnxruntime as ort
-
-    binding = sess.io_binding()
-    binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-    binding.bind_output("probs", "cuda")
-
-    def run() -> None:
-        sess.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run
+def _env_note(d: dict[str, Any]) -> str:
+    e = d["env"]
+    mm = e["matmul_tflops"]
+    return (f"Card: {e['card']} ({e['sms']} SMs, {e['memory_gib']:.0f} GiB; nvidia-smi: {e['nvidia_smi']}); "
+            f"CUDA {e['torch_cuda']}, cuDNN {e['cudnn']} (torch's), torch {e['torch']}, onnxruntime-gpu "
+            f"{e['onnxruntime']}, Python {e['python']}. An 8192^3 matmul in torch ran at {mm['fp32']:.0f} (fp32), "
+            f"{mm['tf32']:.0f} (TF32), {mm['fp16']:.0f} (fp16) and {mm['bf16']:.0f} (bf16) TFLOP/s; the datasheet's "
+            f"dense rates are {DATASHEET['fp32']:.0f} / {DATASHEET['tf32']:.0f} / {DATASHEET['fp16']:.0f}.")
 
 
-def throughput(model: Path, batches: tuple[int, ...], reps: int) -> dict[str, dict[str, float]]:
-    sess = _session(model, CUDA)
-    out = {}
-    for batch in batches:
-        x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224), np.float32)
-        t = interleave({"iobinding": _bound_runner(sess, x),
-                        "run": lambda x=x: sess.run(["probs"], {"input": x})}, reps, warmup=3, prime=True)
-        sec = median(t["iobinding"])
-        out[f"b{batch}"] = {"ms": sec * 1e3, "images_per_s": batch / sec, "tflops": 2 * D_GMACS * batch / sec / 1e3,
-                            "iobinding_speedup_over_run": paired_ratio(t["run"], t["iobinding"])}
+def _provider_rows(section: Section, d: dict[str, Any]) -> None:
+    o = d["ort"]
+    for form in ("fp32", "dense"):
+        pl = o[f"{form}_placement"]["by_provider"]
+        on_gpu = pl.get("CUDAExecutionProvider", {}).get("nodes", 0)
+        total = sum(v["nodes"] for v in pl.values())
+        section.add(f"D {'standard' if form == 'fp32' else 'dense'}: nodes the CUDA provider ran", f"{on_gpu}/{total}",
+                    target="all", met=on_gpu == total and o[f"{form}_strict"] == "ok",
+                    detail=f"onnxruntime's profile; a session forbidden to fall back to the CPU: {o[f'{form}_strict']}; "
+                           f"vggspec --device cuda took {o[f'{form}_vggspec_model']['device_mib_taken']:.0f} MiB "
+                           "of device memory")
+    k = d["probes"]["parity_kaiming_d"]
+    section.add("CUDA vs CPU logits, strict fp32: relative L2", k["fp32_strict"]["rel_l2_logits"], target="< 1e-5",
+                met=k["fp32_strict"]["rel_l2_logits"] < 1e-5,
+                detail=f"top-1 agreement {k['fp32_strict']['top1']:.0%}; posteriors within "
+                       f"{k['fp32_strict']['max_abs_probs']:.1e}")
+    for name, label in (("fp32_tf32_nhwc", "TF32 + NHWC"), ("fp16_nhwc", "fp16 + NHWC")):
+        section.add(f"CUDA vs CPU logits, {label}: relative L2", k[name]["rel_l2_logits"], target="< 2e-3",
+                    met=k[name]["rel_l2_logits"] < 2e-3,
+                    detail=f"top-1 agreement {k[name]['top1']:.0%}; posteriors within {k[name]['max_abs_probs']:.1e}")
+    for q, v in ((q, o["dense"][f"Q{q}"]) for q in (256, 384, 512)):
+        section.add(f"dense D at Q={q} with flip (one image)", v["ms_per_image_with_flip"], "ms",
+                    detail=f"posteriors within {v['max_abs_vs_cpu']:.1e} of the CPU provider's")
+
+
+def _throughput_rows(section: Section, d: dict[str, Any]) -> None:
+    table = inference_table(d)
+    for engine, settings, r in table:
+        b64 = r.get("b64")
+        detail = ", ".join(f"{b}: {v:,.0f}" for b, v in sorted(r.items(), key=lambda kv: int(kv[0][1:])))
+        if b64:
+            detail += f"; {_tflops(b64):.0f} TFLOP/s at b64"
+        section.add(f"D {engine}, {settings}: images/s at b64", b64 or 0.0, "img/s", detail=detail)
+    ort16 = d["probes"]["fp16_tf32_flag"]["nhwc_tf32on"]["b64"]
+    eager16 = d["torch"]["eager"]["fp16"]["b64"]["images_per_s"]
+    section.add("onnxruntime fp16 / torch eager fp16 at b64", ort16 / eager16, "x", ">= 1", ort16 / eager16 >= 1)
+    share = _tflops(ort16) / DATASHEET["fp16"]
+    section.add("onnxruntime fp16 at b64: share of the dense fp16 rate", share * 100, "%", ">= 30 %", share >= 0.30,
+                detail=f"{_tflops(ort16):.0f} of {DATASHEET['fp16']:.0f} TFLOP/s; "
+                       f"{_tflops(ort16) / d['env']['matmul_tflops']['fp16']:.0%} of the measured fp16 matmul rate")
+
+
+def _training_rows(section: Section, d: dict[str, Any]) -> None:
+    t = d["train"]
+    base = t["modes"]["fp32"]["epochs"]
+    for mode, v in t["modes"].items():
+        rows = v["epochs"]
+        worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(rows, base, strict=True))
+        section.add(f"training D, {MODES[mode]}: images/s", v["images_per_s_after_first_epoch"], "img/s",
+                    detail=f"epochs 2-{len(rows)}; final train loss {rows[-1]['train_loss']:.3f}, val top-1 error "
+                           f"{rows[-1]['val_top1_err']:.1%}; largest per-epoch loss gap to fp32 {worst:.2f}")
+    r = d["torchrun"]
+    section.add("torchrun --nproc-per-node 1 over nccl", "ran" if r["torchrun"]["rc"] == 0 else "failed",
+                target="same checkpoint layout", met=r["same_layout"] and r["same_keys"],
+                detail=f"{r['torchrun']['nccl_info_lines']} NCCL INFO lines; files: {', '.join(r['torchrun']['files'])}")
+
+
+def plot_training(d: dict[str, Any], out: Path = PLOT) -> Path:
+    """Loss and validation error per epoch for the four training modes, and their speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = d["train"]["modes"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode, v in modes.items():
+        ep = [r["epoch"] for r in v["epochs"]]
+        axes[0].plot(ep, [r["train_loss"] for r in v["epochs"]], marker="o", label=MODES[mode])
+        axes[1].plot(ep, [100 * r["val_top1_err"] for r in v["epochs"]], marker="o")
+    axes[2].barh([MODES[m].replace(" + ", " +\n") for m in modes], [v["images_per_s_after_first_epoch"] for v in modes.values()])
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="validation top-1 error (%)", xlabel="epoch")
+    axes[2].set(title="images/s (epochs 2+)")
+    axes[0].legend(fontsize=8)
+    t = d["train"]
+    fig.suptitle(f"vggspec train {t['spec']} --set {' '.join(t['sets'])} on {d['env']['card']}: {t['data']}, "
+                 f"batch {t['batch']}, {t['epochs']} epochs", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
-
-
-def bf16_training(spec: str, batch: int, reps: int) -> dict[str, float]:
-    """Training steps of the generated module at its input size: bf16 autocast against fp32, interleaved."""
-    import torch
-    import torch.nn.functional as F
-
-    from vggspec import load_spec, to_torch
-
-    graph = load_spec(spec)
-    model = to_torch(graph).cuda().train()
-    c, h, w = graph.meta.input_shape
-    x = torch.randn(batch, c, h, w, device="cuda")
-    y = torch.randint(0, graph.meta.classes, (batch,), device="cuda")
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step(bf16: bool) -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        torch.cuda.synchronize()
-
-    t = interleave({"bf16": lambda: step(True), "fp32": lambda: step(False)}, reps, warmup=2, prime=True)
-    return {"batch": batch, "bf16_images_per_s": batch / median(t["bf16"]),
-            "fp32_images_per_s": batch / median(t["fp32"]), "bf16_speedup": paired_ratio(t["fp32"], t["bf16"])}
-
-
-def measure(cfg: Config, reps: int = 20) -> dict[str, Any]:
-    import torch
-
-    model = d_onnx(cfg, "d_fp32.onnx")
-    return {"card": torch.cuda.get_device_name(0), "parity": parity(model),
-            "inference": throughput(model, (1, 64), reps),
-            "bf16_training": bf16_training("D", 64, max(5, reps // 4))}
-
-
-def _rows(section: Section, r: dict[str, Any]) -> None:
-    section.notes.append(f"Card: {r['card']}.")
-    p = r["parity"]
-    section.add("CUDA vs CPU: posterior relative error", p["relative_error"], "", "< 1e-3", p["relative_error"] < 1e-3,
-                detail=f"top-1 agreement {p['top1_agreement']:.0%}")
-    for b, v in r["inference"].items():
-        section.add(f"D {b} IO binding: images/s", v["images_per_s"], "img/s",
-                    detail=f"{v['ms']:.2f} ms, {v['tflops']:.1f} TFLOP/s, {v['iobinding_speedup_over_run']:.2f}x "
-                           "over session.run")
-    t = r["bf16_training"]
-    section.add(f"D b{t['batch']} bf16 training step", t["bf16_images_per_s"], "img/s",
-                detail=f"{t['bf16_speedup']:.2f}x fp32 ({t['fp32_images_per_s']:.0f} img/s)")
 
 
 def run(cfg: Config) -> Section:
     section = Section("gpu", TITLE, command(cfg))
-    ok, why = detect()
-    if not ok:
-        section.add("GPU", "not measured: no GPU on this machine")
-        section.notes.append(f"No GPU was available to this run ({why}), so nothing in this section was measured. "
-                             f"`{command(cfg)}` (or `.venv/bin/python -m benchmarks --only gpu`) is the prepared "
-                             "script to run where one is; it needs onnxruntime-gpu in place of onnxruntime.")
+    data = load()
+    if data is None:
+        section.add("GPU", "not measured: no GPU figures recorded")
+        section.notes.append("benchmarks/gpu.json is missing; run benchmarks/gpu_device.sh on a GPU machine.")
         return section
-    _rows(section, measure(cfg, reps=5 if cfg.quick else 20))
+    section.notes.append(data["provenance"])
+    section.notes.append(_env_note(data))
+    _provider_rows(section, data)
+    _throughput_rows(section, data)
+    _training_rows(section, data)
+    if not cfg.quick:
+        section.notes.append(f"Training curves: {PLOT.relative_to(PLOT.parent.parent)}.")
+        plot_training(data)
     return section
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for gpu.json")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    ok, why = detect()
-    if not ok:
-        print(json.dumps({"gpu": None, "reason": why}))
-        return 0
-    result = measure(Config(quick=args.quick), reps=5 if args.quick else 20)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

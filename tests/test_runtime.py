@@ -32,7 +32,7 @@ from vggspec.runtime import (
     normalise,
     rescale,
 )
-from vggspec.runtime.session import Preprocessing, check_provider, create_session
+from vggspec.runtime.session import Preprocessing, create_session
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 CLASSES = 4
@@ -239,9 +239,6 @@ def test_explicit_cuda_that_falls_back_is_an_error(models, monkeypatch):
         monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
         with pytest.raises(ModelError, match="fell back"):
             create_session(models["dense"], device="cuda")
-    with pytest.raises(ModelError, match="fell back to CPUExecutionProvider"):
-        check_provider("tensorrt", "CPUExecutionProvider")
-    check_provider("auto", "CPUExecutionProvider")
 
 
 def test_gpu_provider_that_throws_auto_falls_back_explicit_fails(models, monkeypatch):
@@ -261,6 +258,69 @@ def test_gpu_provider_that_throws_auto_falls_back_explicit_fails(models, monkeyp
     assert create_session(models["dense"], device="auto")[1] == "CPUExecutionProvider"
     with pytest.raises(ModelError, match="CUDAExecutionProvider failed to initialise .*libcudnn"):
         create_session(models["dense"], device="cuda")
+
+
+class _FakeSession:
+    def __init__(self, provider):
+        self.provider = provider
+
+    def get_providers(self):
+        return [self.provider, "CPUExecutionProvider"]
+
+
+def _fake_gpu(monkeypatch, behaviour):
+    """onnxruntime with TensorRT and CUDA 'available'; behaviour(providers) says what a session gets."""
+    import onnxruntime as ort
+
+    from vggspec.runtime import session as sess
+
+    calls = []
+
+    def new_session(path, providers, threads):
+        calls.append(providers)
+        if providers == ["CPUExecutionProvider"]:
+            return _FakeSession("CPUExecutionProvider")
+        return _FakeSession(behaviour(providers))
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sess, "_new_session", new_session)
+    return calls
+
+
+def test_auto_moves_from_a_broken_tensorrt_to_tuned_cuda(models, monkeypatch):
+    def behaviour(providers):
+        if providers[0] == "TensorrtExecutionProvider":
+            raise RuntimeError("libnvinfer.so.10: cannot open shared object file")
+        return providers[0][0]  # CUDA with its options
+
+    calls = _fake_gpu(monkeypatch, behaviour)
+    assert create_session(models["dense"], device="auto")[1] == "CUDAExecutionProvider"
+    assert calls[-1] == [("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"]
+
+
+def test_a_build_that_refuses_the_options_gets_plain_cuda(models, monkeypatch):
+    # onnxruntime answers an unknown provider option by falling back to the CPU (and printing why).
+    calls = _fake_gpu(monkeypatch, lambda ps: "CPUExecutionProvider" if isinstance(ps[0], tuple) else ps[0])
+    assert create_session(models["dense"], device="cuda")[1] == "CUDAExecutionProvider"
+    assert calls == [[("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"],
+                     ["CUDAExecutionProvider", "CPUExecutionProvider"]]
+
+
+def test_onnxruntime_fallback_notices_stay_off_stdout(models, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    from vggspec.runtime import session as sess
+
+    real = ort.InferenceSession
+
+    def noisy(*args, **kwargs):
+        print("*************** EP Error ***************")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", noisy)
+    sess._new_session(Path(models["dense"]), ["CPUExecutionProvider"], 1)
+    assert capsys.readouterr().out == ""
 
 
 def test_io_binding_path_matches_plain_run(models, image):

@@ -50,3 +50,29 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     # Rank 0 alone reported and wrote: one summary line, one row per epoch.
     assert two.stdout.count("val top-1 error") == 1
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_one_process_under_torchrun_joins_a_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc-per-node 1 takes the real path (a process group, DDP), as nccl does on one GPU."""
+    import socket
+
+    import torch.distributed as dist
+
+    from vggspec.train import distributed as D
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    world = D.setup("cpu")
+    try:
+        assert world.distributed and world.size == 1 and dist.get_backend() == "gloo"
+        assert D.all_sum(world, 2.0, 3.0) == [2.0, 3.0]
+    finally:
+        D.teardown(world)
+    assert not dist.is_initialized()
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key)
+    assert not D.setup("cpu").distributed  # a plain run stays alone

@@ -17,6 +17,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # started by torchrun: in a process group (nccl or gloo), even when alone
 
     @property
     def main(self) -> bool:
@@ -25,7 +26,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """In a process group: collectives and DDP apply (under torchrun, even with one process)."""
+        return self.launched
 
 
 def setup(device: str = "auto") -> World:
@@ -40,9 +42,11 @@ def setup(device: str = "auto") -> World:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    # torchrun sets these; a launch of one process joins a group too, so its path (DDP, nccl) is the real one.
+    launched = size > 1 or all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(rank, size, local, dev)
+    return World(rank, size, local, dev, launched)
 
 
 def teardown(world: World) -> None:
