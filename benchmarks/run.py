@@ -51,6 +51,9 @@ def run_section(name: str, cfg: Config) -> Section:
         section.error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     section.seconds = time.perf_counter() - start
+    if getattr(module, "MEASURED_ELSEWHERE", False):  # this machine's load says nothing about those figures
+        section.contention = "rendered here from figures measured on another machine"
+        return section
     # How contended the machine was: ratios hold up under load better than absolute times, but not perfectly.
     section.others_share = cpu.others_share(CpuSnapshot.now())
     section.contention = (f"load {load_before:.2f} at the start; other processes used "
