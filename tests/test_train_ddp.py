@@ -76,3 +76,45 @@ def test_one_process_under_torchrun_joins_a_group(monkeypatch: pytest.MonkeyPatc
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key)
     assert not D.setup("cpu").distributed  # a plain run stays alone
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, *(launcher or []), *args], cwd=cwd, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-9000:] + run.stdout[-2000:]
+    return run
+
+
+def _distance(a: Path, b: Path) -> float:
+    """Relative L2 distance between two checkpoints' weights, over all tensors."""
+    x, y = load_checkpoint(a).tensors, load_checkpoint(b).tensors
+    num = sum(float(np.sum((x[k].astype(np.float64) - y[k]) ** 2)) for k in x if "num_batches" not in k)
+    den = sum(float(np.sum(x[k].astype(np.float64) ** 2)) for k in x if "num_batches" not in k)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.slow
+def test_sync_bn_makes_two_processes_train_what_one_does(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path / "bn.vgg", norm="batch")  # no dropout: ranks draw different masks
+    data = image_folder(tmp_path / "data", classes=3, per_class=8, size=12)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _train(_train_args(spec, data, tmp_path / "one"), tmp_path)
+    _train([*_train_args(spec, data, tmp_path / "sync"), "--sync-bn"], tmp_path, torchrun)
+    _train(_train_args(spec, data, tmp_path / "local"), tmp_path, torchrun)
+    one = tmp_path / "one" / "model.safetensors"
+    synced, local = _distance(one, tmp_path / "sync" / "model.safetensors"), _distance(
+        one, tmp_path / "local" / "model.safetensors")
+    assert synced < 1e-5, synced
+    assert local > 100 * synced and local > 1e-3, (local, synced)  # per-process statistics: another network
+    a, b = load_checkpoint(one), load_checkpoint(tmp_path / "sync" / "model.safetensors")
+    assert a.tensors.keys() == b.tensors.keys()  # the converted module keeps the checkpoint's names
+    for key in (k for k in a.tensors if "running" in k):
+        np.testing.assert_allclose(a.tensors[key], b.tensors[key], rtol=1e-4, atol=1e-6, err_msg=key)

@@ -63,6 +63,9 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--compile", is_flag=True, help="torch.compile the model.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast.")
 @click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on GPUs).")
+@click.option("--sync-bn", is_flag=True,
+              help="Under torchrun: batch norm over the global batch, not each process's slice "
+                   "(N processes then train what one process trains).")
 @click.option("--progress/--no-progress", default=True, help="The per-epoch progress bar.")
 @set_option
 @click.pass_context

@@ -34,6 +34,7 @@ class TrainConfig:
     compile: bool = False
     bf16: bool = False
     channels_last: bool = False
+    sync_bn: bool = False  # batch norm over the global batch under DDP
     flip: bool = True
     lighting: float = 0.1
     device: str = "auto"

@@ -49,8 +49,16 @@ def setup(device: str = "auto") -> World:
     return World(rank, size, local, dev, launched)
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, finished: bool = True) -> None:
+    """Leave the process group; after a finished run, all ranks together.
+
+    A rank that tears its group down while rank 0 still writes the last checkpoint can abort in
+    gloo's destructor ("terminate called without an active exception"). After a failure the other
+    ranks may be stuck in a collective, so a failing rank leaves at once.
+    """
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -61,9 +61,12 @@ def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] |
     """Train (or resume) a run; returns the last epoch's metrics. Call under torchrun for DDP."""
     world = D.setup(config.device)
     try:
-        return Trainer(config, world, resume, overrides or {}).run()
-    finally:
-        D.teardown(world)
+        result = Trainer(config, world, resume, overrides or {}).run()
+    except BaseException:
+        D.teardown(world, finished=False)
+        raise
+    D.teardown(world)
+    return result
 
 
 class Trainer:
@@ -167,6 +170,15 @@ class Trainer:
         model = model.to(self.world.device)
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.config.sync_bn:
+            from .sync_bn import convert, has_batch_norm
+
+            if not has_batch_norm(model):
+                if self.world.main:
+                    warnings.warn("--sync-bn: the spec has no batch norm (norm: batch); nothing to synchronise",
+                                  stacklevel=2)
+            elif self.world.distributed:
+                model = convert(model, self.world.device)
         return model.train()
 
     def _restore(self, state: dict[str, Any]) -> None:
