@@ -61,3 +61,28 @@ def test_eval_checks_its_predictions_path_before_any_work(tmp_path) -> None:
                                        "--predictions", str(missing)])
     assert result.exit_code == 1 and "does not exist" in result.output and "m.onnx" not in result.output
     assert not missing.parent.exists()
+
+
+def test_eval_ray_without_ray_says_what_to_install(tmp_path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent("""
+        import sys
+        class _NoRay:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        sys.meta_path.insert(0, _NoRay())
+        from vggspec.cli import main
+        main(sys.argv[1:], prog_name="vggspec")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", code, "eval", str(tmp_path / "m.onnx"), "--data",
+                        str(tmp_path / "val"), "--ray"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'vggspec[ray]'" in r.stderr, r.stderr

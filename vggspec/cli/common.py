@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Optional dependencies and the extra that brings each: a missing one is the user's setup, not our bug.
 EXTRAS = {"torch": "vggspec[train]", "torchvision": "vggspec[train]", "sklearn": "vggspec[train]",
-          "onnxruntime": "vggspec[cpu]"}
+          "onnxruntime": "vggspec[cpu]", "ray": "vggspec[ray]"}
 
 
 def fail(message: str, code: int = 1) -> None:

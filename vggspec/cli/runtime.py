@@ -276,9 +276,12 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--predictions", metavar="FILE.csv", default=None,
               help="Also write each image's true class and top-1 class under every row, one CSV line per image.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run as Ray Data batch inference: on the cluster at ADDRESS (e.g. auto, ray://head:10001), "
+                   "or on a local Ray instance without one. Image paths must be readable on every node.")
 @model_options
 def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
-             predictions: str | None,
+             predictions: str | None, ray_address: str | None,
              dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...], flip: bool, device: str,
              threads: int | None, batch_size: int, labels: str | None, size: str | None, mean: str | None,
              std: str | None, scale: float | None) -> None:
@@ -291,13 +294,21 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
         from ..atomic import check_output_path
 
         check_output_path(predictions)  # before the evaluation, not after it
-    members = load_members(model, dense_model, crop_model, ensemble, device, threads,
-                           _overrides(size, mean, std, scale, labels))
+    if ray_address is not None:
+        import ray  # noqa: F401  (before any work: a missing extra names what to install)
+    overrides = _overrides(size, mean, std, scale, labels)
+    members = load_members(model, dense_model, crop_model, ensemble, device, threads, overrides)
     runner = Runner(members, build_protocols(protocols, scale_sets, flip, members), batch_size)
     items, classes = list_dataset(data, runner.lead.info.labels)
     if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
         raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
-    report = _run_eval(runner, items)
+    if ray_address is None:
+        report = _run_eval(runner, items)
+    else:
+        from ..runtime.ray_eval import evaluate_on_ray
+
+        report = evaluate_on_ray(runner, items, None if ray_address == "local" else ray_address, device, threads,
+                                 overrides, on_error=_error_line)
     if predictions:
         from ..runtime.evaluate import write_predictions
 

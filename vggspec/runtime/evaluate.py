@@ -61,6 +61,16 @@ class Report:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
+    def add(self, path: str, target: int, results: dict[Protocol, np.ndarray]) -> None:
+        """One image's posteriors under every protocol."""
+        for proto, posterior in results.items():
+            self.scores[proto].add(posterior, target)
+        self.predictions.append((path, target, tuple(int(np.argmax(results[p])) for p in self.scores)))
+        self.images += 1
+
+    def fail(self, path: str, message: str) -> None:
+        self.failed.append((path, message))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": [{"protocol": p.name, "scales": [q for q in p.scales], "flip": p.flip, "images": s.n,
@@ -95,15 +105,11 @@ def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
         try:
             results = runner.run(path)
         except DataError as exc:
-            report.failed.append((str(path), exc.message))
+            report.fail(str(path), exc.message)
             if on_error:
                 on_error(str(path), exc.message)
         else:
-            for proto, posterior in results.items():
-                report.scores[proto].add(posterior, target)
-            top1 = tuple(int(np.argmax(results[p])) for p in report.scores)
-            report.predictions.append((str(path), target, top1))
-            report.images += 1
+            report.add(str(path), target, results)
         if on_step:
             on_step()
     report.seconds = time.perf_counter() - start
