@@ -9,7 +9,6 @@ it is read. docs/DEVELOPING.md's contract is `contract_lines()`, checked by a te
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -186,13 +185,10 @@ class _Reader:
             prep = Preprocessing.from_dict(value)
         except (KeyError, TypeError, ValueError) as exc:
             self.fail("preprocessing", f"lacks or mangles a field ({type(exc).__name__}: {exc})")
-        numbers = (prep.scale, *prep.mean, *prep.std)
-        if not all(math.isfinite(v) for v in numbers) or prep.scale <= 0 or min(prep.std, default=0) <= 0:
-            self.fail("preprocessing", "needs a finite positive scale and std, and a finite mean")
+        if prep.problem():
+            self.fail("preprocessing", prep.problem())
         if len(prep.mean) != channels or len(prep.std) != channels:
             self.fail("preprocessing", f"needs {channels} mean and std values, one per input channel")
-        if prep.channel_order not in ("RGB", "BGR") or prep.layout not in ("NCHW", "NHWC"):
-            self.fail("preprocessing", "needs channel_order RGB or BGR and layout NCHW or NHWC")
         return prep
 
 

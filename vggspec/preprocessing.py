@@ -7,6 +7,7 @@ Standard library only, so that the runtime shares it without importing the compi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,15 @@ class Preprocessing:
             "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
             "channel_order": self.channel_order, "layout": self.layout,
         }
+
+    def problem(self) -> str | None:
+        """What makes this preprocessing unusable (NaN inputs, a division by zero), or None."""
+        numbers = (self.scale, *self.mean, *self.std)
+        if not all(math.isfinite(v) for v in numbers) or self.scale <= 0 or min(self.std, default=0) <= 0:
+            return "needs a finite positive scale and std, and a finite mean"
+        if self.channel_order not in ("RGB", "BGR") or self.layout not in ("NCHW", "NHWC"):
+            return "needs channel_order RGB or BGR and layout NCHW or NHWC"
+        return None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:

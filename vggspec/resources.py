@@ -22,9 +22,19 @@ def shipped_specs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(resource_dir("specs").glob("*.vgg"), key=lambda p: p.stem)}
 
 
+# Files people pass where a spec goes; their bytes would only fail as "not UTF-8 text".
+NOT_SPECS = {".safetensors": "weights file", ".onnx": "model file", ".pt": "PyTorch file", ".pth": "PyTorch file",
+             ".caffemodel": "Caffe weights file"}
+
+
 def resolve_spec(name_or_path: str | Path) -> Path:
     """A path that exists, or else the shipped spec of that name (`D`, `d`, `D.vgg`)."""
     path = Path(name_or_path)
+    if path.is_file() and path.suffix.lower() in NOT_SPECS:
+        raise SpecNotFoundError(f"is a {NOT_SPECS[path.suffix.lower()]}, not a spec", str(path),
+                                "a spec is a .vgg text file or a shipped name (A to E); give weights with "
+                                "--weights FILE (a vggspec checkpoint holds its spec: `vggspec export SPEC "
+                                "--weights FILE`)")
     if path.is_file():
         return path
     if path.is_dir():

@@ -333,6 +333,11 @@ class Model:
         step = self.info.batch or len(batch)
         chunks = [self._run_fixed(batch[i:i + step], names) for i in range(0, len(batch), step)]
         results = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
+        for name, out in zip(names, results, strict=True):
+            if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+                # A NaN posterior would count as an ordinary wrong answer: refuse it instead.
+                raise ModelError(f"output '{name}' holds NaN or infinite values", self.path,
+                                 "the model's weights are not finite, or its preprocessing divides by zero")
         if self.info.probs_are_logits and names[0] == self.info.probs_output:
             results[0] = _as_posteriors(results[0])
         return results

@@ -71,17 +71,48 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             tensors = {k: mapped[k] if k in mapped else f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of bad file
         raise WeightsError(f"not a safetensors checkpoint ({exc})", str(path)) from None
-    pre = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
     known = {"format", "vggspec", "spec", "preprocessing", "labels", "source", "overrides"}
     return Checkpoint(
         tensors=tensors,
         spec=meta.get("spec", ""),
-        preprocessing=Preprocessing.from_dict(pre) if pre else None,
-        labels=tuple(json.loads(meta["labels"])) if "labels" in meta else (),
+        preprocessing=_preprocessing(meta, str(path)),
+        labels=_strings(meta, "labels", str(path)),
         source=meta.get("source", ""),
         extra={k: v for k, v in meta.items() if k not in known},
-        overrides=tuple(json.loads(meta["overrides"])) if "overrides" in meta else (),
+        overrides=_strings(meta, "overrides", str(path)),
     )
+
+
+def _metadata_error(key: str, problem: str, path: str) -> WeightsError:
+    return WeightsError(f"metadata '{key}' {problem}", path,
+                        "the file was not written by vggspec, or was edited; save the weights again")
+
+
+def _strings(meta: dict[str, str], key: str, path: str) -> tuple[str, ...]:
+    """A metadata value that must be a JSON list of strings (labels, --set overrides)."""
+    if key not in meta:
+        return ()
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        raise _metadata_error(key, "is not JSON", path) from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _metadata_error(key, "is not a JSON list of strings", path)
+    return tuple(value)
+
+
+def _preprocessing(meta: dict[str, str], path: str) -> Preprocessing | None:
+    if "preprocessing" not in meta:
+        return None
+    try:
+        value = json.loads(meta["preprocessing"])
+        prep = Preprocessing.from_dict(value)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _metadata_error("preprocessing", f"is not the JSON object it should be ({type(exc).__name__}: "
+                                               f"{str(exc)[:100]})", path) from None
+    if prep.problem():
+        raise _metadata_error("preprocessing", prep.problem(), path)
+    return prep
 
 
 def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides: tuple[str, ...] = ()) -> LayerGraph:
@@ -141,3 +172,9 @@ def check_tensors(graph: LayerGraph, tensors: dict[str, np.ndarray], path: str |
     extra = [k for k in tensors if k not in expected]
     if extra:
         raise WeightsError(f"unexpected tensor {extra[0]} (the spec has no such layer)", path)
+    for key, value in tensors.items():
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise WeightsError(f"{key} holds {bad} NaN or infinite value(s)", path,
+                               "the weights are corrupt, or training diverged: use an earlier checkpoint")

@@ -1,0 +1,102 @@
+"""Checkpoints and models with bad metadata or non-finite weights: named errors, never a NaN result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+from safetensors.numpy import save_file
+from test_runtime import conv_model
+
+from vggspec import load_spec
+from vggspec.cli import main
+from vggspec.errors import ModelError, WeightsError
+from vggspec.runtime.session import Model
+from vggspec.weights import init_weights, load_checkpoint
+
+SPEC = "name: t\ninput: 16x16x3\nclasses: 3\nconv3-4 maxpool conv3-8 maxpool FC-16 FC-3 soft-max\n"
+GOOD_PREP = json.dumps({"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3})
+
+
+def _checkpoint(tmp_path: Path, name: str = "c.safetensors", tensors: dict | None = None, **meta: str) -> Path:
+    (tmp_path / "t.vgg").write_text(SPEC)
+    graph = load_spec(tmp_path / "t.vgg")
+    path = tmp_path / name
+    metadata = {"format": "vggspec-checkpoint/1", "spec": SPEC, "preprocessing": GOOD_PREP, **meta}
+    save_file(tensors if tensors is not None else init_weights(graph), str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("meta,expected", [
+    ({"labels": "cat, dog, eel"}, "metadata 'labels' is not JSON"),
+    ({"labels": '{"cat": 0}'}, "metadata 'labels' is not a JSON list of strings"),
+    ({"labels": "[1, 2, 3]"}, "metadata 'labels' is not a JSON list of strings"),
+    ({"overrides": '"width=1/2"'}, "metadata 'overrides' is not a JSON list of strings"),
+    ({"overrides": "[null]"}, "metadata 'overrides' is not a JSON list of strings"),
+    ({"preprocessing": "{}"}, "metadata 'preprocessing' is not the JSON object it should be"),
+    ({"preprocessing": "[1, 2]"}, "metadata 'preprocessing' is not the JSON object it should be"),
+    ({"preprocessing": "scale=1"}, "metadata 'preprocessing' is not the JSON object it should be"),
+    ({"preprocessing": json.dumps({"mean": [0, 0, 0], "std": [0, 1, 1]})}, "finite positive scale and std"),
+    ({"preprocessing": json.dumps({"mean": [0, 0, 0], "std": [1, 1, 1], "layout": "CHW"})}, "layout NCHW or NHWC"),
+])
+def test_bad_checkpoint_metadata_is_a_named_error(tmp_path: Path, meta: dict, expected: str) -> None:
+    path = _checkpoint(tmp_path, **meta)
+    with pytest.raises(WeightsError, match=expected) as err:
+        load_checkpoint(path)
+    assert err.value.path == str(path)
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "t.vgg"), "--weights", str(path),
+                                       "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and expected in result.output, result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_where_they_are_used(tmp_path: Path, bad: float) -> None:
+    (tmp_path / "t.vgg").write_text(SPEC)
+    tensors = init_weights(load_spec(tmp_path / "t.vgg"))
+    tensors["conv2_1.weight"][0, 0, 0, 0] = bad
+    path = _checkpoint(tmp_path, tensors=tensors)
+    for args in (["export", str(tmp_path / "t.vgg"), "--weights", str(path), "-o", str(tmp_path / "m.onnx")],
+                 ["eval", str(path), "--data", str(tmp_path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "conv2_1.weight holds 1 NaN or infinite value(s)" in result.output and "hint:" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _nan_model(tmp_path: Path) -> Path:
+    path = conv_model(tmp_path / "nan.onnx")
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if len(init.dims) == 4:
+            w = numpy_helper.to_array(init).copy()
+            w[0, 0, 0, 0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_that_outputs_nan_is_an_error_not_a_result(tmp_path: Path) -> None:
+    model = Model(_nan_model(tmp_path), device="cpu")
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    with pytest.raises(ModelError, match="output 'probs' holds NaN or infinite values"):
+        model.run(x)
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 10, 3), 128, np.uint8)).save(image)
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "nan.onnx"), str(image), "--json"])
+    assert result.exit_code == 1 and "NaN or infinite" in result.output
+    assert "NaN," not in result.output.replace("NaN or", "")  # no NaN printed as a probability
+
+
+def test_a_weights_file_where_a_spec_goes_gets_a_hint(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path)
+    result = CliRunner().invoke(main, ["export", str(path), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "is a weights file, not a spec" in result.output and "--weights" in result.output
