@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,11 +24,48 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+# Temporaries are named after the target, this host and this process: `.d.onnx.vggspec-tmp-HOST-PID-xyz`.
+# A write killed mid-way leaves one behind; the next write to the same target removes those whose
+# process is gone (on this host only: on a shared file system another host's writer may be alive).
+_MARK = "vggspec-tmp"
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of this process's temporaries for `path` (files or folders, beside it)."""
+    return f".{path.name}.{_MARK}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove the temporaries of killed writers of `path`; returns what was removed."""
+    head = f".{path.name}.{_MARK}-{socket.gethostname()}-"
+    removed = []
+    for entry in path.parent.glob(glob.escape(head) + "*"):
+        pid = entry.name[len(head):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, else remove it."""
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import check_output_path
+from ..atomic import check_output_path, sweep_stale, temp_prefix
 from ..contract import EXTERNAL_DATA_BYTES, Metadata, to_props
 from ..errors import ModelError, VggspecError
 from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
@@ -455,7 +455,8 @@ def _write_single(model: onnx.ModelProto, output: Path) -> None:
 
 def _write_external(model: onnx.ModelProto, output: Path) -> None:
     """Model and data into a hidden folder beside OUT, checked there, then renamed: data first, model last."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    sweep_stale(output)
+    tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
     try:
         data_name = f"{output.name}.data"
         staged = tmpdir / output.name

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, sweep_stale, temp_prefix
 from ..errors import DataError
 from .digits import SPLITS, split_indices
 
@@ -353,7 +353,8 @@ def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None 
         raise DataError("already holds a data set", str(existing[0]), "use --force to replace it, or another folder")
     scans, targets = load_scans()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".scenes-tmp-", dir=out))
+    sweep_stale(out / "scenes")  # a killed earlier run's half-written folder
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out / "scenes"), dir=out))
     try:
         meta = _generate(tmp, scans, targets, size, counts, digit_range, seed, clutter)
         (tmp / "scenes.json").write_text(_json_text(meta), encoding="utf-8")
