@@ -65,3 +65,25 @@ def test_keyword_names_make_valid_python(name: str) -> None:
     assert generated.isidentifier() and not keyword.iskeyword(generated)
     if name in ("None", "True", "False"):
         assert generated == f"Vgg{name}"
+
+
+def test_errors_of_every_phase_are_reported_in_one_run() -> None:
+    from vggspec.graph.load import loads_spec
+    from vggspec.spec import SpecError
+
+    text = "name: t\ninput: 32x32x3\nclasses: 5\nstd: 0 1 1\nconv3-4 maxpool*6 FC-10 soft-max\n"
+    with pytest.raises(SpecError) as err:
+        loads_spec(text, "t.vgg")
+    found = [(d.span.line, d.message.split(":")[0]) for d in err.value.diagnostics]
+    assert found == [(3, "classes"), (4, "std"), (5, "pool6 shrinks the 1x1 map below 1x1")]
+
+
+def test_a_bad_layer_token_stops_before_the_shape_checks() -> None:
+    from vggspec.graph.load import loads_spec
+    from vggspec.spec import SpecError
+
+    # 'maxpol' is dropped: checking shapes without it would report consequences of the typo.
+    text = "name: t\ninput: 32x32x3\nclasses: 5\nstd: 0 1 1\nconv3-4 maxpol FC-10 soft-max\n"
+    with pytest.raises(SpecError) as err:
+        loads_spec(text, "t.vgg")
+    assert [d.span.line for d in err.value.diagnostics] == [4, 5]

@@ -26,17 +26,20 @@ LRN_SIZE, LRN_ALPHA_ALEXNET, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 def build(tree: SpecTree) -> LayerGraph:
     """Build the layer graph of a parsed spec, reporting every located error together."""
     sink = DiagnosticSink(tree.path, tree.source)
+    sink.diagnostics.extend(tree.pending)
     header = tree.header
     assert header is not None, "parse() validates the header before build()"
+    found = len(sink.diagnostics)
     layers = _expand(tree, sink)
-    sink.raise_if_any()
+    if len(sink.diagnostics) > found:  # layers in error: shapes would only report consequences
+        sink.raise_if_any()
     h, w, c = header.input
     try:
         layers = annotate(layers, (c, h, w))
-    except ShapeError as exc:
+    except ShapeError as exc:  # the checks below need no shapes: their errors are reported with this one
         sink.error(_span_of(exc.layer), str(exc), exc.hint)
-        sink.raise_if_any()
-    _check_size(layers, sink)
+    else:
+        _check_size(layers, sink)
     classes = _check_classes(tree, layers, sink)
     labels = _read_labels(tree, classes, sink)
     sink.raise_if_any()

@@ -17,4 +17,4 @@ def load_spec(spec: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
 
 def loads_spec(text: str, path: str = "<spec>", overrides: tuple[str, ...] | list[str] = ()) -> LayerGraph:
     """Parse spec text into its layer graph."""
-    return build(parse(text, path, tuple(overrides)))
+    return build(parse(text, path, tuple(overrides), keep_going=True))

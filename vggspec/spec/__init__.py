@@ -50,4 +50,4 @@ def decode(data: bytes, path: str) -> str:
 def parse_file(path: str | Path, overrides: tuple[str, ...] = ()) -> SpecTree:
     """Read and parse one spec file."""
     path = Path(path)
-    return parse(decode(path.read_bytes(), str(path)), str(path), overrides)
+    return parse(decode(path.read_bytes(), str(path)), str(path), overrides, keep_going=True)

@@ -70,5 +70,6 @@ class DiagnosticSink:
         self.diagnostics.append(Diagnostic(self.path, span, message, text, hint))
 
     def raise_if_any(self) -> None:
-        if self.diagnostics:
-            raise SpecError(list(self.diagnostics))
+        if self.diagnostics:  # in reading order, whichever phase found them (the overrides' own file last)
+            ordered = sorted(self.diagnostics, key=lambda d: (d.path != self.path, d.path, d.span.line, d.span.col))
+            raise SpecError(ordered)

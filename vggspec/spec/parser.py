@@ -20,11 +20,17 @@ _WORD = re.compile(r"\S+")
 _CANONICAL = ("maxpool", "lrn", "soft-max")
 
 
-def parse(source: str, path: str = "<spec>", overrides: tuple[str, ...] = ()) -> SpecTree:
-    """Parse spec text into a SpecTree, collecting every error before raising SpecError."""
+def parse(source: str, path: str = "<spec>", overrides: tuple[str, ...] = (), keep_going: bool = False) -> SpecTree:
+    """Parse spec text into a SpecTree, collecting every error before raising SpecError.
+
+    keep_going: when the only errors are header values that cannot change the layers or their shapes
+    (say `std: 0`), return the tree with them in `tree.pending`, so that build() reports them together
+    with its own. Bad layer tokens, `input:` and `width:` stop here: what build would find after them
+    could be a consequence of the typo rather than a second mistake.
+    """
     sink = DiagnosticSink(path, source)
     tree = SpecTree(path=path, source=source)
-    in_layers = False
+    in_layers = blocking = False
     lines = source.splitlines()
     for lineno, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0]
@@ -46,12 +52,16 @@ def parse(source: str, path: str = "<spec>", overrides: tuple[str, ...] = ()) ->
             token = _lex(word.group(), Span(lineno, word.start() + 1, len(word.group())), sink)
             if token is not None:
                 tree.layers.append(token)
+            else:
+                blocking = True
     tree.end = Span(max(1, len(lines)), max(1, len(lines[-1]) + 1 if lines else 1))
     _apply_overrides(tree, overrides)
-    tree.header = _validate_header(tree, sink)
+    tree.header, shaping = _validate_header(tree, sink)
     if not tree.layers and not sink.diagnostics:
         sink.error(Span(1, 1), "empty spec: no layers", "list layers such as: conv3-64 maxpool FC-10 soft-max")
-    sink.raise_if_any()
+    if not keep_going or blocking or shaping or not tree.layers:
+        sink.raise_if_any()
+    tree.pending = list(sink.diagnostics)
     return tree
 
 
@@ -86,15 +96,18 @@ def _apply_overrides(tree: SpecTree, overrides: tuple[str, ...]) -> None:
     tree.overrides = list(overrides)
 
 
-def _validate_header(tree: SpecTree, sink: DiagnosticSink) -> Header | None:
+def _validate_header(tree: SpecTree, sink: DiagnosticSink) -> tuple[Header | None, bool]:
+    """The header (defaults standing in for values in error), and whether an error concerns the shapes."""
     values: dict[str, object] = {}
     override_sink = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides))
+    shaping = False
     for key, entry in tree.entries.items():
         target = override_sink if entry.origin == OVERRIDE_PATH else sink
         try:
             values[key] = KEYS[key].parse(entry.value)
         except HeaderValueError as exc:
             target.error(entry.value_span, f"{key}: {exc}", exc.hint)
+            shaping |= key in SHAPING_KEYS
     sink.diagnostics.extend(override_sink.diagnostics)
     values.setdefault("name", _default_name(tree.path))
     values.setdefault("input", (224, 224, 3))
@@ -106,10 +119,16 @@ def _validate_header(tree: SpecTree, sink: DiagnosticSink) -> Header | None:
     if channels != 3:
         values.setdefault("mean", (0.5,) * channels)
         values.setdefault("std", (0.5,) * channels)
-    if sink.diagnostics:
-        return None
+    for key in ("mean", "std"):  # a count that does not match the channels is an error reported above
+        if key in values and len(values[key]) != channels:  # type: ignore[arg-type]
+            values[key] = (0.5,) * channels
     known = {f.name for f in fields(Header)}
-    return Header(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
+    return Header(**{k: v for k, v in values.items() if k in known}), shaping  # type: ignore[arg-type]
+
+
+# Header keys whose value decides the layers' shapes: with one of them in error, build() would only
+# report consequences.
+SHAPING_KEYS = frozenset({"input", "width"})
 
 
 def _default_name(path: str) -> str:

@@ -54,3 +54,4 @@ class SpecTree:
     header: Header | None = None
     end: Span = field(default_factory=lambda: Span(1, 1))
     overrides: list[str] = field(default_factory=list)
+    pending: list = field(default_factory=list)  # parse errors build() reports along with its own

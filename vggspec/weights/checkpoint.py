@@ -125,7 +125,7 @@ def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides:
         raise WeightsError("the checkpoint holds no spec text", path, "give the spec explicitly")
     # The labels file named in the spec is not beside a checkpoint: the labels travel in its metadata.
     stored = (*checkpoint.overrides, "labels=", *overrides)
-    graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", stored))
+    graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", stored, keep_going=True))
     graph.graph["meta"] = graph.meta.with_(labels=tuple(checkpoint.labels))
     return graph
 
