@@ -60,3 +60,38 @@ def test_random_corruptions_fail_with_a_located_error(text: str, data):
             assert d.path in ("m.vgg", "<--set>")
             assert 1 <= d.span.line <= max(1, len(lines))
             assert d.format().startswith(f"{d.path}:{d.span.line}:{d.span.col}: error: ")
+
+
+KEYS = ["name", "input", "classes", "norm", "dropout", "init", "scale", "mean", "std", "width", "labels", "nme"]
+VALUES = ["", "D", "None", "1", "0", "-3", "1e999", "nan", "9" * 5000, "224x224x3", "0x4x3", "8x8", "1/255",
+          "0.5 0.5 0.5", "batch", "paper", "xavier", "1/8", "/dev/zero", "é", "a b c", "3" * 20]
+WORDS = ["conv3-64", "conv1-1*1024", "conv3-" + "9" * 5000, "maxpool", "maxpool*9", "LRN", "FC-4096", "FC-0",
+         "soft-max", "conv3-", "conv-3", "FC--1", "*3", "conv3-64*0", "Ω", "conv3-2*1024", "FC-10", "#", ""]
+
+
+@st.composite
+def hostile_specs(draw) -> str:
+    lines = [f"{draw(st.sampled_from(KEYS))}:{draw(st.sampled_from([' ', '', '  ']))}"
+             f"{draw(st.sampled_from(VALUES))}" for _ in range(draw(st.integers(0, 5)))]
+    lines += [" ".join(draw(st.lists(st.sampled_from(WORDS), max_size=8))) for _ in range(draw(st.integers(0, 4)))]
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_specs())
+def test_hostile_specs_give_a_graph_or_located_errors_in_bounded_time(text: str):
+    import time
+
+    from vggspec.errors import VggspecError
+
+    start = time.perf_counter()
+    try:
+        graph = vggspec.loads_spec(text, "h.vgg")
+    except SpecError as exc:
+        assert exc.diagnostics and all(d.span.line >= 1 and d.span.col >= 1 for d in exc.diagnostics)
+        assert all(d.format().startswith(f"{d.path}:{d.span.line}:{d.span.col}: error: ") for d in exc.diagnostics)
+    except VggspecError as exc:  # e.g. a labels file that is not there: named, not located
+        assert exc.message
+    else:
+        assert graph.layers and graph.params >= 0
+    assert time.perf_counter() - start < 2.0, "a spec under the size limit must be judged in a second or two"
