@@ -93,7 +93,7 @@ def _rows(section: Section, results: dict[str, list]) -> None:
 # The profile: cProfile for where the time goes, and VmHWM read as each stage returns for where the memory
 # peaks (a sampling thread cannot see inside C++ calls that hold the GIL, such as onnx.checker's).
 STAGES = ("vggspec.weights:load_checkpoint", "vggspec.backends.onnx:build_model",
-          "vggspec.backends.onnx_stream:write_streamed", "onnx:save_model", "vggspec.backends.onnx:check_model")
+          "vggspec.backends.onnx_stream:write_streamed", "onnx:save_model", "vggspec.backends.onnx_stream:check_model")
 
 PROFILE_SCRIPT = """
 import cProfile, functools, importlib, json, pstats, sys

@@ -58,7 +58,8 @@ def test_graph_check_sees_the_weights_shapes():
     """The checker runs on the skeleton with the weights as typed inputs: a wrong shape still fails it."""
     import pytest
 
-    from vggspec.backends.onnx import _Options, build_model, check_graph
+    from vggspec.backends.onnx import _Options, build_model
+    from vggspec.backends.onnx_stream import check_graph
     from vggspec.errors import ModelError
 
     graph = vggspec.loads_spec(SPEC)

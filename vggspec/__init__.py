@@ -31,14 +31,27 @@ def to_torch(spec_or_graph: str | Path | LayerGraph, **kwargs: Any) -> torch.nn.
 def export_onnx(
     spec_or_graph: str | Path | LayerGraph, output: str | Path | None = None, **kwargs: Any
 ) -> onnx.ModelProto:
-    """Build the ONNX graph of a spec, and write it atomically when `output` is given (no torch)."""
+    """Build the ONNX graph of a spec, and write it atomically when `output` is given (no torch).
+
+    kwargs: `weights=`, and `options=ExportOptions(...)` or its fields by keyword (`fully_conv=True`).
+    """
     from .backends.onnx import export_onnx as _export
 
     return _export(_graph(spec_or_graph), output, **kwargs)
 
 
+def __getattr__(name: str) -> Any:
+    # ExportOptions lives with the ONNX backend, which imports onnx: loaded on first use only.
+    if name == "ExportOptions":
+        from .backends.onnx import ExportOptions
+
+        return ExportOptions
+    raise AttributeError(f"module 'vggspec' has no attribute {name!r}")
+
+
 __all__ = [
     "DataError",
+    "ExportOptions",
     "LayerGraph",
     "ModelError",
     "SpecError",

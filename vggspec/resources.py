@@ -33,8 +33,8 @@ def resolve_spec(name_or_path: str | Path) -> Path:
     if path.is_file() and path.suffix.lower() in NOT_SPECS:
         raise SpecNotFoundError(f"is a {NOT_SPECS[path.suffix.lower()]}, not a spec", str(path),
                                 "a spec is a .vgg text file or a shipped name (A to E); give weights with "
-                                "--weights FILE (a vggspec checkpoint holds its spec: `vggspec export SPEC "
-                                "--weights FILE`)")
+                                "--weights FILE (a vggspec checkpoint holds its spec: `vggspec export --weights FILE "
+                                "-o OUT.onnx`)")
     if path.is_file():
         return path
     if path.is_dir():

@@ -30,24 +30,22 @@ Choices:
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import check_output_path, sweep_stale, temp_prefix
+from ..atomic import check_output_path
 from ..contract import EXTERNAL_DATA_BYTES, Metadata, to_props
 from ..errors import ModelError, VggspecError
 from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
 from ..graph import fully_conv as dense_form
 from ..weights import check_tensors, init_weights, to_dense
-from .onnx_stream import initializer_bytes
+from .onnx_stream import check_graph, check_model, save_model, write_atomic
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, Unsqueeze/Split with tensor inputs, per-channel QDQ
@@ -84,44 +82,57 @@ class _Builder:
         return out
 
 
-def export_onnx(
-    graph: LayerGraph,
-    output: str | Path | None = None,
-    *,
-    weights: dict[str, np.ndarray] | None = None,
-    fully_conv: bool = False,
-    flip: bool = False,
-    scores: bool = False,
-    precision: str = "fp32",
-    calibration: str | Path | None = None,
-    embed_preprocessing: bool = False,
-    opset: int = DEFAULT_OPSET,
-    labels: Sequence[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    seed: int = 0,
-) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export besides the graph and its weights; the command line builds one from its flags.
+
+    fully_conv: the dense-evaluation form (FC layers as convolutions, any H x W; section 3.2).
+    flip: the graph also runs the mirror image and averages the two posteriors.
+    scores: a second output, the class score map (N, classes, h, w), for heat maps.
+    precision: fp32, fp16 (float16 weights and body), or int8 (static QDQ, needs `calibration` images).
+    embed_preprocessing: the input is uint8 NHWC pixels; scaling and normalising happen in the graph.
+    opset: ONNX opset, 13 up to what onnx knows. labels, preprocessing: the metadata's (default: the
+    graph's). seed: of the initialisation used when no weights are given.
+    """
+
+    fully_conv: bool = False
+    flip: bool = False
+    scores: bool = False
+    precision: str = "fp32"
+    calibration: str | Path | None = None
+    embed_preprocessing: bool = False
+    opset: int = DEFAULT_OPSET
+    labels: Sequence[str] | None = None
+    preprocessing: Preprocessing | None = None
+    seed: int = 0
+
+
+def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights: dict[str, np.ndarray] | None = None,
+                options: ExportOptions | None = None, **fields: Any) -> onnx.ModelProto:
     """Build the ONNX model of `graph`, check it (full_check) and, when `output` is given, write it atomically.
 
     `weights` are state_dict-keyed numpy arrays of the standard graph (default: the spec's
-    initialisation, seeded); `labels` and `preprocessing` default to the graph's and go into the
-    metadata. Raises VggspecError (or WeightsError) before writing anything on bad input.
+    initialisation, seeded). The options come as an ExportOptions, or as its fields by keyword
+    (`export_onnx(g, "d.onnx", fully_conv=True)`). Raises VggspecError (or WeightsError) before
+    writing anything on bad input.
     """
-    _check_options(precision, calibration, opset, output)
-    labels = tuple(graph.meta.labels if labels is None else labels)
+    o = replace(options or ExportOptions(), **fields)
+    _check_options(o.precision, o.calibration, o.opset, output)
+    labels = tuple(graph.meta.labels if o.labels is None else o.labels)
     if labels and len(labels) != graph.meta.classes:
         raise VggspecError(f"{len(labels)} labels for {graph.meta.classes} classes", hint="give one label per class")
     if weights is None:
-        weights = init_weights(graph, seed=seed)
+        weights = init_weights(graph, seed=o.seed)
     else:
         check_tensors(graph, weights)
-    if fully_conv and not graph.meta.fully_conv:
+    if o.fully_conv and not graph.meta.fully_conv:
         dense = dense_form(graph)
         graph, weights = dense, to_dense(dense, weights)
-    opts = _Options(graph.meta.fully_conv, flip, scores, embed_preprocessing, precision, opset,
-                    preprocessing or graph.meta.preprocessing)
-    if precision != "int8":
+    opts = _Options(graph.meta.fully_conv, o.flip, o.scores, o.embed_preprocessing, o.precision, o.opset,
+                    o.preprocessing or graph.meta.preprocessing)
+    if o.precision != "int8":
         return _export_float(graph, weights, opts, labels, output)
-    model = _quantized(graph, weights, opts, labels, calibration)
+    model = _quantized(graph, weights, opts, labels, o.calibration)
     if output is not None:
         save_model(model, output)
     else:
@@ -141,7 +152,7 @@ def _export_float(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Opti
     check_graph(skeleton, arrays)
     large = sum(a.nbytes for a in arrays.values()) >= EXTERNAL_DATA_BYTES
     if output is not None and not large:
-        _write_streamed(skeleton, arrays, output)
+        write_atomic(skeleton, arrays, output)
         return skeleton
     model = onnx.ModelProto()
     model.CopyFrom(skeleton)
@@ -149,14 +160,6 @@ def _export_float(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Opti
     if output is not None:
         save_model(model, output)
     return model
-
-
-def _write_streamed(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray], output: str | Path) -> None:
-    from ..atomic import atomic_path
-    from .onnx_stream import write_streamed
-
-    with atomic_path(check_output_path(output), ".onnx") as tmp:
-        write_streamed(skeleton, arrays.items(), tmp)
 
 
 def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options, labels: Sequence[str],
@@ -397,75 +400,3 @@ def _set_metadata(model: onnx.ModelProto, graph: LayerGraph, opts: _Options, lab
     form = "dense-evaluation (fully convolutional)" if opts.dense else "standard"
     source = Path(meta.spec_path).name if meta.spec_path else "a spec"  # no build-machine path: same bytes anywhere
     model.doc_string = f"{meta.name}: {form} {opts.precision} graph compiled by vggspec {__version__} from {source}"
-
-
-def check_model(model: onnx.ModelProto | str | Path) -> None:
-    """onnx.checker with full_check; a failure is our bug, reported as a ModelError."""
-    if isinstance(model, onnx.ModelProto) and initializer_bytes(model) >= EXTERNAL_DATA_BYTES:
-        return _check_large(model)  # the checker cannot take a proto over 2 GB, only a path
-    try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"internal error: the exported graph fails onnx.checker: {exc}") from None
-
-
-def check_graph(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
-    """onnx.checker's full check (shape inference included) of a graph whose weights are kept apart.
-
-    The weights are declared as typed graph inputs of their exact shapes, so the checker sees every
-    type and shape it would see in the file, in milliseconds and without a copy of the weights.
-    That the file then holds exactly these tensors is onnx_stream's contract (tested against
-    onnx.save_model); parsing D's 553 MB back only to re-check it would double export's memory.
-    """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(skeleton)
-    probe.graph.input.extend(
-        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
-        for name, a in arrays.items()
-    )
-    check_model(probe)
-
-
-def _check_large(model: onnx.ModelProto) -> None:
-    """Check a copy saved with external data in a temporary folder (the model itself keeps its tensors)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    with tempfile.TemporaryDirectory(prefix="vggspec-check-") as tmp:
-        onnx.save_model(copy, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
-        check_model(f"{tmp}/model.onnx")
-
-
-def save_model(model: onnx.ModelProto, output: str | Path) -> None:
-    """Check and write atomically; over 2 GB, with external data (OUT.data) written in a temp folder first."""
-    output = check_output_path(output)
-    if initializer_bytes(model) < EXTERNAL_DATA_BYTES:
-        _write_single(model, output)
-    else:
-        _write_external(model, output)
-
-
-def _write_single(model: onnx.ModelProto, output: Path) -> None:
-    """Write beside OUT, check the written file (faster than the proto for big models: no re-serialising), rename."""
-    from ..atomic import atomic_path
-
-    with atomic_path(output, ".onnx") as tmp:
-        onnx.save_model(model, str(tmp))
-        check_model(tmp)
-
-
-def _write_external(model: onnx.ModelProto, output: Path) -> None:
-    """Model and data into a hidden folder beside OUT, checked there, then renamed: data first, model last."""
-    sweep_stale(output)
-    tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
-    try:
-        data_name = f"{output.name}.data"
-        staged = tmpdir / output.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        check_model(staged)
-        for path in (tmpdir / data_name, staged):
-            os.chmod(path, 0o644)
-        os.replace(tmpdir / data_name, output.parent / data_name)
-        os.replace(staged, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""Writing a single-file ONNX model straight from numpy buffers.
+"""ONNX files: checking models with onnx.checker and writing them (atomically, streamed, or with external data).
+
+Streaming a single-file model straight from numpy buffers:
 
 `onnx.save_model` needs every weight inside the ModelProto first: for D that is the 553 MB of
 numpy weights copied into TensorProtos, copied again into the GraphProto and once more into the
@@ -11,6 +13,9 @@ ModelProto that `onnx.save_model` would have written: same bytes per tensor, sam
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -18,6 +23,10 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 from onnx import helper
+
+from ..atomic import atomic_path, check_output_path, sweep_stale, temp_prefix
+from ..contract import EXTERNAL_DATA_BYTES
+from ..errors import ModelError
 
 # Field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
@@ -64,3 +73,79 @@ def write_streamed(skeleton: onnx.ModelProto, tensors: Iterable[tuple[str, np.nd
         f.write(skeleton.SerializeToString())
         for name, array in tensors:
             _write_tensor(f, name, array)
+
+
+def write_atomic(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray], output: str | Path) -> None:
+    """The skeleton and its weights streamed into OUTPUT, atomically."""
+    with atomic_path(check_output_path(output), ".onnx") as tmp:
+        write_streamed(skeleton, arrays.items(), tmp)
+
+
+def check_model(model: onnx.ModelProto | str | Path) -> None:
+    """onnx.checker with full_check; a failure is our bug, reported as a ModelError."""
+    if isinstance(model, onnx.ModelProto) and initializer_bytes(model) >= EXTERNAL_DATA_BYTES:
+        return _check_large(model)  # the checker cannot take a proto over 2 GB, only a path
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"internal error: the exported graph fails onnx.checker: {exc}") from None
+
+
+def check_graph(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    """onnx.checker's full check (shape inference included) of a graph whose weights are kept apart.
+
+    The weights are declared as typed graph inputs of their exact shapes, so the checker sees every
+    type and shape it would see in the file, in milliseconds and without a copy of the weights.
+    That the file then holds exactly these tensors is onnx_stream's contract (tested against
+    onnx.save_model); parsing D's 553 MB back only to re-check it would double export's memory.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(skeleton)
+    probe.graph.input.extend(
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+        for name, a in arrays.items()
+    )
+    check_model(probe)
+
+
+def _check_large(model: onnx.ModelProto) -> None:
+    """Check a copy saved with external data in a temporary folder (the model itself keeps its tensors)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="vggspec-check-") as tmp:
+        onnx.save_model(copy, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+        check_model(f"{tmp}/model.onnx")
+
+
+def save_model(model: onnx.ModelProto, output: str | Path) -> None:
+    """Check and write atomically; over 2 GB, with external data (OUT.data) written in a temp folder first."""
+    output = check_output_path(output)
+    if initializer_bytes(model) < EXTERNAL_DATA_BYTES:
+        _write_single(model, output)
+    else:
+        _write_external(model, output)
+
+
+def _write_single(model: onnx.ModelProto, output: Path) -> None:
+    """Write beside OUT, check the written file (faster than the proto for big models: no re-serialising), rename."""
+    with atomic_path(output, ".onnx") as tmp:
+        onnx.save_model(model, str(tmp))
+        check_model(tmp)
+
+
+def _write_external(model: onnx.ModelProto, output: Path) -> None:
+    """Model and data into a hidden folder beside OUT, checked there, then renamed: data first, model last."""
+    sweep_stale(output)
+    tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
+    try:
+        data_name = f"{output.name}.data"
+        staged = tmpdir / output.name
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        check_model(staged)
+        for path in (tmpdir / data_name, staged):
+            os.chmod(path, 0o644)
+        os.replace(tmpdir / data_name, output.parent / data_name)
+        os.replace(staged, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

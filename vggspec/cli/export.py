@@ -50,12 +50,14 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
     Node and initializer names are the spec's layer names (conv1_1, fc6, ...). The metadata
     carries the spec, the preprocessing, the input size, the labels and the export options.
     """
-    from ..backends.onnx import DEFAULT_OPSET, export_onnx
+    from ..backends.onnx import DEFAULT_OPSET, ExportOptions, export_onnx
 
-    graph, kwargs = _graph_and_weights(spec, weights, sets)
+    graph, tensors, metadata = _graph_and_weights(spec, weights, sets)
     opset = DEFAULT_OPSET if opset is None else opset
-    export_onnx(graph, output, fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
-                calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed, **kwargs)
+    options = ExportOptions(fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
+                            calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed,
+                            **metadata)
+    export_onnx(graph, output, weights=tensors, options=options)
     traits = [("fully convolutional", fully_conv), ("flips in-graph", flip), ("score map output", scores),
               ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing)]
     form = "".join(f", {name}" for name, on in traits if on)
@@ -63,11 +65,11 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
 
 
 def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, ...]) -> tuple:
-    """The graph and export_onnx's weights/preprocessing/labels arguments from SPEC and --weights."""
+    """The graph, the weights (None: initialise) and the checkpoint's labels/preprocessing, from SPEC and --weights."""
     if weights is None:
         if spec is None:
             raise click.UsageError("give SPEC, or --weights CKPT to export the checkpoint's own spec")
-        return load_graph(spec, sets), {}
+        return load_graph(spec, sets), None, {}
     from ..weights import check_tensors, checkpoint_graph, load_checkpoint
 
     ckpt = load_checkpoint(weights)
@@ -76,8 +78,7 @@ def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, .
     else:
         graph = checkpoint_graph(ckpt, weights, sets)
     check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
-    extra = {"weights": ckpt.tensors, "labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
-    return graph, extra
+    return graph, ckpt.tensors, {"labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
 
 
 def register(main: click.Group) -> None:
