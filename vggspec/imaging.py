@@ -10,6 +10,11 @@ embedded preprocessing takes); `normalise` turns them into the network's float i
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".t
 # Signatures of common formats: a file that starts like an image but does not decode is corrupt, not foreign.
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
+# The most pixels of any image vggspec builds: a rescaled image, or one used at its own size (`native`).
+# 64 megapixels is 192 MB as uint8 RGB and 768 MB as the float32 input (twice that with its mirror): large
+# enough for a modern camera's photo at its own size and for any rescale a sane aspect ratio gives, small
+# enough that one image cannot take the machine. Without it, a valid 3 KB PNG of 1,000,000 x 1 pixels
+# rescaled to Q=256 asks for 256,000,000 x 256 pixels. Decoding is bounded separately by Pillow's own
+# PIL.Image.MAX_IMAGE_PIXELS (load_image refuses anything over it).
+MAX_PIXELS = 64_000_000
+
 
 def _pil() -> Any:
     from PIL import Image, ImageOps
@@ -37,36 +50,70 @@ def _pil() -> Any:
 def load_image(path: str | Path, channels: int = 3) -> Any:
     """Decode an image file into a Pillow image in mode RGB (or L for 1-channel models), upright.
 
-    Every failure becomes a DataError naming the file and saying what is wrong with it.
+    Every failure becomes a DataError naming the file and saying what is wrong with it. An image over
+    Pillow's PIL.Image.MAX_IMAGE_PIXELS is refused (the size is read from the header, before decoding):
+    Pillow would only warn up to twice that limit, a raw Python warning in the middle of a run.
     """
     Image, ImageOps = _pil()
     path = Path(path)
     _check_file(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated or corrupt file fails here, not later
-            img = ImageOps.exif_transpose(img)  # cameras store rotation in EXIF, not in the pixels
-            return to_mode(img, "L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated or corrupt file fails here, not later
+                img = ImageOps.exif_transpose(img)  # cameras store rotation in EXIF, not in the pixels
+                return to_mode(img, "L" if channels == 1 else "RGB")
     except Image.UnidentifiedImageError:
         if _looks_like_image(path):
             raise DataError("corrupt image (the header of a known format is unreadable)", str(path)) from None
         raise DataError("not an image (Pillow cannot identify the format)", str(path)) from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"too large to decode safely ({exc})", str(path)) from None
+    except PermissionError:
+        raise DataError("not readable (permission denied)", str(path)) from None
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise DataError(f"{reason} image ({exc})", str(path)) from None
-    except (SyntaxError, ValueError, TypeError, IndexError, EOFError) as exc:  # Pillow's plugins raise these
+    except (SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:  # Pillow's plugins
         raise DataError(f"corrupt image ({type(exc).__name__}: {exc})", str(path)) from None
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise DataError("no such file", str(path))
-    if path.is_dir():
-        raise DataError("is a folder, not an image", str(path))
-    if path.stat().st_size == 0:
-        raise DataError("empty file (0 bytes)", str(path))
+    problem = file_problem(path)
+    if problem:
+        raise DataError(problem, str(path))
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an image file (dangling link, folder, pipe, empty...), or None.
+
+    Checked before opening: a named pipe called x.jpg would block Image.open for ever.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return _stat_problem(path, exc)
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not an image"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
+def _stat_problem(path: Path, exc: OSError) -> str:
+    if path.is_symlink():
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    return f"cannot read ({exc.strerror or exc})"
 
 
 def _looks_like_image(path: Path) -> bool:
@@ -105,21 +152,42 @@ def to_array(img: Any) -> np.ndarray:
 
 def load_pixels(path: str | Path, channels: int = 3, q: int | None = None) -> np.ndarray:
     """Decode and rescale in one call: uint8 H x W x C with the smallest side Q (None: as stored)."""
-    return to_array(rescale(load_image(path, channels), q))
+    return to_array(rescale(load_image(path, channels), q, str(path)))
 
 
 # --- geometry ---------------------------------------------------------------------------------
-def rescale(img: Any, q: int | None) -> Any:
-    """Isotropic rescale so that the smallest side is Q (the paper's S or Q); None keeps the size."""
-    if q is None:
+def rescale(img: Any, q: int | None, path: str | None = None) -> Any:
+    """Isotropic rescale so that the smallest side is Q (the paper's S or Q); None keeps the size.
+
+    DataError (naming `path`) when the result would be over MAX_PIXELS, checked before resizing.
+    """
+    check_pixels(img.size, q, path)
+    size = rescaled_size(img.size, q)
+    if size == img.size:
         return img
     Image, _ = _pil()
-    w, h = img.size
-    short = min(w, h)
-    if short == q:
-        return img
-    size = (max(1, round(w * q / short)), max(1, round(h * q / short)))
     return img.resize(size, Image.BILINEAR)
+
+
+def rescaled_size(size: tuple[int, int], q: int | None) -> tuple[int, int]:
+    """(width, height) after rescaling `size` so that its smallest side is Q (None: unchanged)."""
+    w, h = size
+    short = min(w, h)
+    if q is None or short == q:
+        return size
+    return max(1, round(w * q / short)), max(1, round(h * q / short))
+
+
+def check_pixels(size: tuple[int, int], q: int | None, path: str | None = None) -> None:
+    """DataError when an image of `size` (width, height), rescaled to Q, would be over MAX_PIXELS."""
+    w, h = rescaled_size(size, q)
+    if w * h <= MAX_PIXELS:
+        return
+    limit = f"over the {MAX_PIXELS // 1_000_000}-megapixel limit"
+    if q is None:
+        raise DataError(f"too large: {w} x {h} pixels at its own size (--scales native), {limit}", path)
+    raise DataError(f"too large: {size[0]} x {size[1]} pixels; rescaled to Q={q} it would be {w} x {h} pixels, "
+                    f"{limit}", path)
 
 
 def center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -179,12 +247,32 @@ def model_input(batch: np.ndarray, prep: Preprocessing, embedded: bool = False, 
 
 # --- folders ----------------------------------------------------------------------------------
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    return _named_like_image(path) and path.is_file()
+
+
+def _named_like_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def scan_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files under `folder` (recursively, sorted), and the entries named like images that are not
+    readable files (dangling or looping symbolic links, pipes...) with the reason: those are the user's
+    files gone wrong, to be reported, not dropped."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for p in sorted(Path(folder).rglob("*")):
+        if not _named_like_image(p):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif not p.is_dir():  # a folder named x.jpg is a folder: rglob looks inside it
+            problems.append((p, file_problem(p) or "not a regular file"))
+    return files, problems
 
 
 def list_images(folder: str | Path) -> list[Path]:
     """The image files under `folder` (recursively, by extension, hidden files skipped), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if is_image_file(p))
+    return scan_images(folder)[0]
 
 
 @dataclass(frozen=True)
@@ -195,6 +283,8 @@ class ImageFolder:
     files: tuple[Path, ...]
     targets: tuple[int, ...]
     classes: tuple[str, ...]
+    # Entries named like images that cannot be read (dangling symbolic links...): (path, class index, reason).
+    problems: tuple[tuple[Path, int, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -228,11 +318,16 @@ def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None,
                         unknown_hint)
     files: list[Path] = []
     targets: list[int] = []
+    problems: list[tuple[Path, int, str]] = []
     index = {name: i for i, name in enumerate(names)}
     for name in found:  # files in path order, whatever the class order
-        images = list_images(root / name)
+        images, bad = scan_images(root / name)
         files += images
         targets += [index[name]] * len(images)
+        problems += [(p, index[name], why) for p, why in bad]
+    if not files and problems:
+        raise DataError(f"no readable images in any class folder ({problems[0][0]}: {problems[0][2]}, and "
+                        f"{len(problems) - 1} more)", str(root))
     if not files:
         raise DataError("no images in any class folder", str(root), f"image files end in {', '.join(IMAGE_EXTENSIONS)}")
-    return ImageFolder(root, tuple(files), tuple(targets), names)
+    return ImageFolder(root, tuple(files), tuple(targets), names, tuple(problems))

@@ -179,11 +179,11 @@ def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: s
     MODEL is an .onnx file, or a vggspec checkpoint (.safetensors), from which both forms are
     exported for the run (the combined protocol needs both).
 
-    A file that cannot be used gets one line on stderr naming it and why; the others are still
-    classified, and the exit status is 1 when any failed.
+    An image that cannot be used or fails to run gets one line on stderr naming it and why; the
+    others are still classified, and the exit status is 1 when any failed.
     """
-    from ..errors import DataError
     from ..runtime import Runner
+    from ..runtime.evaluate import IMAGE_ERRORS, image_error
 
     members = load_members(model, dense_model, crop_model, ensemble, device, threads,
                            _overrides(size, mean, std, scale, labels))
@@ -197,9 +197,9 @@ def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: s
             posterior = runner.run(image)[proto]
             if heat_model is not None:
                 _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore[arg-type]
-        except DataError as exc:
+        except IMAGE_ERRORS as exc:  # this image only: the others are still classified
             failed += 1
-            _error_line(image, exc.message)
+            _error_line(image, image_error(exc))
             continue
         _print_prediction(image, posterior, top, proto, runner, members, as_json)
     if failed:

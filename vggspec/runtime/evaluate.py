@@ -10,19 +10,37 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, ModelError
 from ..imaging import class_folders, scan_image_folder
 from .protocols import Protocol, Runner
+
+# What running one image may raise without stopping the batch: a file that cannot be used (DataError),
+# onnxruntime failing on that image's input (ModelError, e.g. it cannot allocate for one huge dense pass),
+# or its arrays not fitting in memory. Problems of the whole run (models, protocols, scales) are raised
+# before the first image, by Runner and the model loaders.
+IMAGE_ERRORS = (DataError, ModelError, MemoryError)
+
+
+def image_error(exc: BaseException) -> str:
+    """The one-line reason an image failed, for its `path: error: ...` line and the report."""
+    if isinstance(exc, MemoryError):
+        return "out of memory while evaluating this image"
+    if isinstance(exc, ModelError) and exc.path:
+        return f"{exc.message} (model {exc.path})"
+    return getattr(exc, "message", str(exc))
 
 
 def list_dataset(root: str | Path, labels: Sequence[str] = ()) -> tuple[list[tuple[Path, int]], list[str]]:
     """(image paths with class indices, class names). Indices follow `labels` when the folders are named
     after them, otherwise the sorted folder names (the ImageFolder convention training used; ImageNet's
-    folders are WordNet ids while its labels are words)."""
+    folders are WordNet ids while its labels are words).
+
+    Entries named like images that cannot be read (a dangling symbolic link...) are listed too, in path
+    order: evaluating them fails with the reason, so each is reported and counted as a failed image."""
     by_label = bool(labels) and any(name in labels for name in class_folders(root))
     folder = scan_image_folder(root, labels if by_label else None,
                                "name the folders after the labels, or pass --labels FILE")
-    return folder.items(), list(folder.classes)
+    return sorted(folder.items() + [(p, t) for p, t, _ in folder.problems]), list(folder.classes)
 
 
 @dataclass
@@ -98,16 +116,18 @@ def write_predictions(report: Report, path: str | Path, classes: Sequence[str]) 
 def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
              on_error: Callable[[str, str], None] | None = None,
              on_step: Callable[[], None] | None = None) -> Report:
-    """Run every image; a file that cannot be used is reported through `on_error` and skipped."""
+    """Run every image; one that cannot be used or fails to run (IMAGE_ERRORS) is reported through `on_error`,
+    counted as failed, and the batch goes on."""
     report = Report({p: Score() for p in runner.protocols})
     start = time.perf_counter()
     for path, target in items:
         try:
             results = runner.run(path)
-        except DataError as exc:
-            report.fail(str(path), exc.message)
+        except IMAGE_ERRORS as exc:
+            message = image_error(exc)
+            report.fail(str(path), message)
             if on_error:
-                on_error(str(path), exc.message)
+                on_error(str(path), message)
         else:
             report.add(str(path), target, results)
         if on_step:

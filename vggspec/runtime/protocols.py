@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
-from ..imaging import grid_crops, load_image, mirror, rescale, to_array
+from ..imaging import MAX_PIXELS, grid_crops, load_image, mirror, rescale, to_array
 from .preprocess import check_size, to_input
 from .session import Model
 
@@ -100,7 +100,7 @@ class _Pixels:
         if (channels, q) not in self.scaled:
             if channels not in self.decoded:
                 self.decoded[channels] = load_image(self.path, channels)
-            self.scaled[(channels, q)] = to_array(rescale(self.decoded[channels], q))
+            self.scaled[(channels, q)] = to_array(rescale(self.decoded[channels], q, self.path))
         return self.scaled[(channels, q)]
 
 
@@ -144,6 +144,7 @@ class Runner:
         classes = {m.info.classes for member in self.members for m in member.models if m.info.classes}
         if len(classes) > 1:
             raise ModelError(f"the models disagree on the number of classes ({sorted(classes)})")
+        _check_scales(q for _, q in self.parts)
         for member in self.members:
             for kind, q in self.parts:
                 model = member.model(kind)
@@ -184,7 +185,8 @@ class Runner:
         return np.mean(per_member, axis=0)
 
     def run(self, path: str | Path) -> dict[Protocol, np.ndarray]:
-        """Posteriors of one image under every protocol (DataError when the file cannot be used)."""
+        """Posteriors of one image under every protocol. DataError when the file cannot be used (unreadable,
+        or over imaging.MAX_PIXELS at a test scale); ModelError or MemoryError when running it fails."""
         flips = {p.flip for p in self.protocols}
         results: dict[Protocol, np.ndarray] = {}
         for flip in flips:  # protocols normally share one flip setting, hence one set of parts
@@ -192,6 +194,16 @@ class Runner:
             for proto in (p for p in self.protocols if p.flip == flip):
                 results[proto] = self.combine(parts, proto)
         return results
+
+
+def _check_scales(scales: Iterable[int | None]) -> None:
+    """A test scale whose Q x Q square is over imaging.MAX_PIXELS would fail every image one by one: say it
+    once, before the loop."""
+    for q in scales:
+        if q is not None and q * q > MAX_PIXELS:
+            raise ModelError(f"test scale Q={q} makes every image at least {q} x {q} pixels, over the "
+                             f"{MAX_PIXELS // 1_000_000}-megapixel limit",
+                             hint=f"use --scales of at most {int(MAX_PIXELS ** 0.5)}")
 
 
 def top_k(posterior: np.ndarray, k: int) -> list[tuple[int, float]]:

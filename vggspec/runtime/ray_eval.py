@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, VggspecError
-from .evaluate import Report, Score
+from ..errors import VggspecError
+from .evaluate import IMAGE_ERRORS, Report, Score, image_error
 from .protocols import Member, Protocol, Runner
 from .session import Model, Overrides
 
@@ -102,8 +102,8 @@ class _Evaluator:
             try:
                 results = self.runner.run(str(path))
                 posteriors.append(np.stack([results[p] for p in self.runner.protocols]))
-            except DataError as exc:  # one unusable file: reported, the run goes on (as locally)
-                errors[i] = exc.message
+            except IMAGE_ERRORS as exc:  # one unusable or failing image: reported, the run goes on (as locally)
+                errors[i] = image_error(exc)
                 posteriors.append(None)
             except VggspecError as exc:  # stops a local run too: carried to the driver, raised there
                 fatal[i] = json.dumps([exc.message, exc.path, exc.hint])

@@ -24,7 +24,10 @@ def scan_split(root: Path, classes: tuple[str, ...] | None = None) -> Split:
     """List the images of one split; `classes` fixes the class order (the train split's)."""
     if not root.is_dir():
         raise DataError("no such folder", str(root), "the data folder needs train/<class>/ and val/<class>/ folders")
-    return scan_image_folder(root, classes, "every class folder of val/ needs its twin in train/")
+    split = scan_image_folder(root, classes, "every class folder of val/ needs its twin in train/")
+    for path, _, why in split.problems:  # a dangling link is the user's image gone missing: say so, once
+        warnings.warn(f"{path}: {why}; skipped", stacklevel=2)
+    return split
 
 
 def scan_folder(data: str | Path, classes: int) -> tuple[Split, Split]:
@@ -83,7 +86,10 @@ class ImageDataset:
         if image is None:
             return None
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.transform(image, rng), self.split.targets[index]
+        try:
+            return self.transform(image, rng), self.split.targets[index]
+        except DataError:  # e.g. too large once rescaled to S: skipped and counted like an unreadable file
+            return None
 
 
 def collate(batch: list) -> tuple:
