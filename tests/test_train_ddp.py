@@ -16,6 +16,8 @@ from vggspec.weights import load_checkpoint
 
 torch = pytest.importorskip("torch")
 
+from vggspec.train.state import read_progress  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -191,8 +193,8 @@ def test_a_node_killed_mid_run_resumes_on_both_nodes_exactly(two_node_runs: Path
     assert [r.returncode for r in whole] == [0, 0], whole[0].stderr[-4000:]
     killed = _two_nodes([*_train_args(Path(spec), Path(data), root / "killed")[2:], *longer], root, NODE_KILLER)
     assert all(r.returncode != 0 for r in killed)  # one node died; the other could not go on alone
-    state = torch.load(root / "killed" / "state.pt", weights_only=True)
-    assert state["progress"] == {**state["progress"], "epoch": 3, "step": 1, "global_step": 10}
+    progress = read_progress(root / "killed")
+    assert progress == {**progress, "epoch": 3, "step": 1, "global_step": 10}
     resumed = _two_nodes(["train", spec, "--resume", str(root / "killed"), "--data", data, "--workers", "0",
                           "--no-progress"], root)
     assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-4000:] + resumed[1].stderr[-4000:]

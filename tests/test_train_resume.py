@@ -17,6 +17,8 @@ from vggspec.weights import load_checkpoint
 
 torch = pytest.importorskip("torch")
 
+from vggspec.train.state import read_progress  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the CLI, but SIGKILLs its own process right after optimizer step KILL_AT: two steps after the
@@ -59,8 +61,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> N
     assert whole.returncode == 0, whole.stderr
     killed = _run(args("killed", "1"), tmp_path, KILLER)
     assert killed.returncode == -9, killed.stderr
-    state = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)
-    assert state["progress"] == {**state["progress"], "epoch": 1, "step": 2, "global_step": 8}
+    progress = read_progress(tmp_path / "killed")
+    assert progress == {**progress, "epoch": 1, "step": 2, "global_step": 8}
     resumed = _run(["train", str(spec), "--data", str(data), "--resume", "killed", "--workers", "0",
                     "--no-progress"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -33,7 +33,7 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
               help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*.")
 @click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None,
-              help="Run folder: model.safetensors, state.pt, metrics.jsonl, metrics.png. Default runs/<spec name>.")
+              help="Run folder: model.safetensors, state/, metrics.jsonl, metrics.png. Default runs/<spec name>.")
 @click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
               help="Training scale: fixed S (256) or jittered per image (256:512). Default: input side x 256/224.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,

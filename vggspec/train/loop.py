@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .data import GlobalBatchSampler, ImageDataset, Split, channel_stats, collate, eval_batches, scan_folder
 from .plot import append_metrics, keep_epochs, plot_metrics, read_metrics
 from .progress import EpochBar
-from .state import Progress, capture_rng, has_run, load_state, restore_rng, save_model, save_state
+from .state import STATES, Progress, capture_rng, has_run, load_state, restore_rng, save_model, save_state
 
 # Decoded images kept in memory (half for train, half for val): small sets skip file I/O each epoch.
 PRELOAD_BYTES = 1 << 30
@@ -104,7 +104,7 @@ class Trainer:
     # --- setup -------------------------------------------------------------------------------
     def _resume_state(self, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
         if resume:
-            return load_state(self.rundir, identity(self.graph, config.sets))
+            return load_state(self.rundir, identity(self.graph, config.sets), warn=self.world.main)
         if has_run(self.rundir):
             raise VggspecError("already holds a training run", str(self.rundir),
                                "continue it with --resume, or train into another -o folder")
@@ -298,7 +298,8 @@ class Trainer:
         p = self.progress
         if not np.isfinite(loss_sum):
             self.optimizer.zero_grad(set_to_none=True)
-            kept = (f"the last good checkpoint (global step {self.saved_step}) is in {self.rundir}"
+            kept = (f"the last good checkpoint (global step {self.saved_step}) is in "
+                    f"{self.rundir / STATES / f'{self.saved_step:08d}'}"
                     if self.saved_step else "no checkpoint had been written yet")
             raise TrainingError(
                 f"the loss became {loss_sum / max(count, 1):.4g} at epoch {p.epoch + 1}, step {p.step + 1}; "
@@ -356,7 +357,7 @@ class Trainer:
         return row
 
     def save(self) -> None:
-        """Rank 0 writes state.pt (everything a resume needs) and then model.safetensors, both atomically."""
+        """Rank 0 writes a state/ checkpoint (everything a resume needs), then model.safetensors, both atomically."""
         p = self.progress
         self.saved_step = p.global_step
         if not self.world.main:

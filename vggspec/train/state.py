@@ -1,30 +1,47 @@
-"""Run checkpoints that survive faults.
+"""Run checkpoints that survive faults, stored without pickle and verified on resume.
 
-RUNDIR/state.pt holds everything a resume needs in ONE atomically replaced file: the model's
-state_dict, optimizer, scheduler, epoch, step, the position in the epoch, the epoch's running sums and
-the RNG states. Keeping the weights there too (not only in model.safetensors) means a kill between two
-writes can never pair weights of step k with optimizer state of step k-1.
+A checkpoint of the run state is one folder, RUNDIR/state/<global step, 8 digits>/, holding
+  tensors.safetensors  every tensor: the model's state_dict (`model.<name>`), the optimizer's state
+                       (`optimizer.state.<param>.<name>`), the RNG states (`rng.torch`, `rng.cuda.<i>`);
+  state.json           everything else (format, progress, config, stats, spec_text, scheduler, the optimizer's
+                       param_groups, python/numpy RNG states), each tensor replaced by {"__tensor__": key},
+                       dicts with int keys (the optimizer's state) as {"__items__": [[key, value], ...]};
+  MANIFEST.json        each file's size and sha256, written last.
+The folder is written under a temporary name and renamed into place, so a checkpoint is there whole or
+not at all; a save at a step that already has one replaces it. The newest two are kept (older ones and
+any newer leftover of an abandoned timeline are deleted once the new one is in place). A resume takes
+the newest checkpoint whose files match their manifest and parse, warning about each newer one that does
+not. Keeping the weights in the state (not only in model.safetensors) means a kill between two writes can
+never pair weights of step k with optimizer state of step k-1.
 RUNDIR/model.safetensors is the deployable native checkpoint (spec, preprocessing, labels), also atomic.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path
 from ..errors import VggspecError
 from ..graph import LayerGraph, Preprocessing
 from ..weights import Checkpoint, save_checkpoint
 
-STATE = "state.pt"
+STATES = "state"
+TENSORS, JSON, MANIFEST = "tensors.safetensors", "state.json", "MANIFEST.json"
+OLD_STATE = "state.pt"  # the pickled single file of vggspec-train-state/1
 MODEL = "model.safetensors"
-FORMAT = "vggspec-train-state/1"
+FORMAT = "vggspec-train-state/2"
+KEEP = 2
 
 
 @dataclass
@@ -38,8 +55,13 @@ class Progress:
                                                             "skipped": 0.0, "seconds": 0.0})
 
 
+class StateCorrupt(Exception):
+    """A checkpoint folder that fails verification; the message says what failed."""
+
+
+# --- RNG --------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
-    """Python, numpy and torch generator states (numpy arrays as lists so weights_only loading works)."""
+    """Python, numpy and torch generator states (numpy arrays as lists, so they go into JSON)."""
     np_state = np.random.get_state(legacy=False)
     np_state["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in np_state["state"].items()}
     rng = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
@@ -60,32 +82,199 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_state(rundir: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(rundir / STATE, ".pt") as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+# --- tensors out of a nested structure, and back ----------------------------------------------
+def _split(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`obj` as JSON values, each tensor moved into `tensors` under its path and left as a reference."""
+    if isinstance(obj, torch.Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors of the run state are both named {key}")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        items = [(k, _split(v, f"{key}.{k}", tensors)) for k, v in obj.items()]
+        if all(isinstance(k, str) for k, _ in items):
+            return dict(items)
+        return {"__items__": [[k.item() if isinstance(k, np.generic) else k, v] for k, v in items]}  # int keys
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in the run state ({key})")
 
 
-def load_state(rundir: str | Path, spec_text: str) -> dict[str, Any]:
-    """The saved state of a run, checked to belong to this spec; clear errors otherwise."""
-    rundir = Path(rundir)
-    path = rundir / STATE
-    if not path.is_file():
-        raise VggspecError("holds no training run to resume (no state.pt)", str(rundir),
-                           "give the -o folder of an earlier `vggspec train`, or start a new run without --resume")
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `_split` (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _join(v, tensors) for k, v in obj["__items__"]}
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+# --- writing ----------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise VggspecError(f"cannot read the run state ({exc})", str(path)) from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_folder(folder: Path, payload: dict[str, Any]) -> None:
+    """tensors.safetensors and state.json, then MANIFEST.json with their sizes and sha256."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {k: _split(v, k, tensors) for k, v in {"format": FORMAT, **payload}.items()}
+    save_file(tensors, folder / TENSORS, metadata={"format": FORMAT})
+    (folder / JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in (TENSORS, JSON)}
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1), encoding="utf-8")
+    for name in (TENSORS, JSON, MANIFEST):
+        _fsync(folder / name)
+    _fsync(folder)
+
+
+def _checkpoints(rundir: Path) -> list[Path]:
+    """The step folders under RUNDIR/state, oldest first (temporary ones left out)."""
+    root = rundir / STATES
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def save_state(rundir: Path, payload: dict[str, Any]) -> Path:
+    """Write a checkpoint folder for payload["progress"]["global_step"] atomically; keep the newest two."""
+    root = rundir / STATES
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a kill during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    target = root / f"{int(payload['progress']['global_step']):08d}"
+    tmp, old = (root / f".tmp-{kind}{target.name}-{os.getpid()}" for kind in ("", "old-"))
+    tmp.mkdir()
+    try:
+        _write_folder(tmp, payload)
+        if target.exists():  # the same step again (an epoch's end, a replay after a fallback)
+            target.rename(old)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(root)
+    _prune(rundir, target)
+    return target
+
+
+def _prune(rundir: Path, latest: Path) -> None:
+    """Delete all but `latest` and the one before it; newer folders are an abandoned timeline."""
+    older = [p for p in _checkpoints(rundir) if int(p.name) < int(latest.name)]
+    newer = [p for p in _checkpoints(rundir) if int(p.name) > int(latest.name)]
+    for p in older[:len(older) - (KEEP - 1)] + newer:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --- reading ----------------------------------------------------------------------------------
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """The files MANIFEST.json lists, with their size and sha256."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        raise StateCorrupt(f"no {MANIFEST} (an unfinished write)") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise StateCorrupt(f"{MANIFEST} is damaged") from None
+    if not isinstance(files, dict) or set(files) != {TENSORS, JSON} or not all(
+            isinstance(w, dict) for w in files.values()):
+        raise StateCorrupt(f"{MANIFEST} is damaged")
+    return files
+
+
+def _verify(folder: Path) -> None:
+    """Raise StateCorrupt unless every file the manifest names has its size and sha256."""
+    files = _manifest(folder)
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise StateCorrupt(f"{name} is missing")
+        if path.stat().st_size != want.get("size"):
+            raise StateCorrupt(f"{name} has {path.stat().st_size} bytes, the manifest says {want.get('size')}")
+        if _sha256(path) != want.get("sha256"):
+            raise StateCorrupt(f"{name} does not match its sha256 in the manifest")
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    """A verified checkpoint folder's state, tensors in place."""
+    _verify(folder)
+    try:
+        meta = json.loads((folder / JSON).read_text(encoding="utf-8"))
+        state = _join(meta, load_file(folder / TENSORS))
+    except Exception as exc:  # a file that matches its manifest but does not parse: written wrong
+        raise StateCorrupt(f"cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise VggspecError("is not a vggspec run state", str(path))
+        raise StateCorrupt(f"is not a {FORMAT} checkpoint")
+    return state
+
+
+def _no_run(rundir: Path) -> VggspecError:
+    if (rundir / OLD_STATE).is_file():
+        return VggspecError(f"holds a run state ({OLD_STATE}) written by an older vggspec, which cannot be resumed",
+                            str(rundir), "start a new run in another -o folder; its model.safetensors still "
+                            "serves as --weights to start from")
+    return VggspecError("holds no training run to resume (no state/ checkpoint)", str(rundir),
+                        "give the -o folder of an earlier `vggspec train`, or start a new run without --resume")
+
+
+def latest_state(rundir: str | Path, warn: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint folder that verifies and its state; a warning for each newer one that does not."""
+    rundir = Path(rundir)
+    folders = _checkpoints(rundir)
+    if not folders:
+        raise _no_run(rundir)
+    failed = []
+    for folder in reversed(folders):
+        try:
+            state = _read(folder)
+        except StateCorrupt as exc:
+            failed.append(f"{folder}: {exc}")
+            continue
+        if warn:
+            for line in failed:
+                warnings.warn(f"{line}; resuming from the previous checkpoint {folder}", stacklevel=2)
+        return folder, state
+    raise VggspecError("no run checkpoint passes verification (" + "; ".join(failed) + ")", str(rundir),
+                       f"the run state is damaged; start a new run (--weights {rundir / MODEL} starts from "
+                       "its last weights)")
+
+
+def load_state(rundir: str | Path, spec_text: str, warn: bool = True) -> dict[str, Any]:
+    """The newest good state of a run, checked to belong to this spec; clear errors otherwise."""
+    _, state = latest_state(rundir, warn)
     if state["spec_text"] != spec_text:
         raise VggspecError("this run was trained from another spec (or other --set options)", str(rundir),
                            "resume with the spec the run started from, or train into a new -o folder")
     return state
 
 
+def read_progress(rundir: str | Path) -> dict[str, Any]:
+    """The progress (epoch, step, global_step, sums) of the checkpoint a resume would start from."""
+    return latest_state(rundir, warn=False)[1]["progress"]
+
+
 def has_run(rundir: Path) -> bool:
-    return (rundir / STATE).is_file()
+    """Whether RUNDIR holds a run: a checkpoint folder, or the state.pt of an older vggspec."""
+    return bool(_checkpoints(rundir)) or (rundir / OLD_STATE).is_file()
 
 
 def save_model(rundir: Path, model: torch.nn.Module, graph: LayerGraph, pre: Preprocessing,
