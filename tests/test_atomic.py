@@ -55,3 +55,20 @@ def test_an_export_killed_mid_write_is_cleaned_by_the_next(tmp_path: Path) -> No
     assert not out.exists()
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     assert [p.name for p in tmp_path.iterdir()] == ["d.onnx"]
+
+
+def test_scratch_folders_of_dead_processes_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import tempfile
+
+    from vggspec.atomic import scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"vggspec-models-{socket.gethostname()}-{_dead_pid()}-abc"
+    (stale / "d.onnx").parent.mkdir()
+    (stale / "d.onnx").write_bytes(b"x")
+    other_tag = tmp_path / f"vggspec-ray-{socket.gethostname()}-{_dead_pid()}-abc"
+    other_tag.mkdir()
+    mine = scratch_folder("models")
+    assert mine.is_dir() and not stale.exists() and other_tag.exists()
+    assert scratch_folder("models").exists() and mine.exists()  # a live process's folder stays

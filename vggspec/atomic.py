@@ -89,3 +89,19 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def scratch_folder(tag: str) -> Path:
+    """A private folder in the system's temp folder, for files that live as long as this process.
+
+    Named `vggspec-TAG-HOST-PID-xyz`; creating one removes those of the same tag left by processes of
+    this host that are gone (killed before they could clean up: a checkpoint's exported models are
+    hundreds of MB).
+    """
+    root = Path(tempfile.gettempdir())
+    head = f"vggspec-{tag}-{socket.gethostname()}-"
+    for entry in root.glob(glob.escape(head) + "*"):
+        pid = entry.name[len(head):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{head}{os.getpid()}-", dir=root))

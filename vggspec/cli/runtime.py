@@ -122,11 +122,11 @@ def load_members(model: str, dense_model: str | None, crop_model: str | None, en
 def checkpoint_models(checkpoint: str) -> list[str]:
     """Both forms of a vggspec checkpoint, exported into a folder that lives as long as the command."""
     import shutil
-    import tempfile
 
+    from ..atomic import scratch_folder
     from ..backends.onnx_checkpoint import export_forms
 
-    folder = Path(tempfile.mkdtemp(prefix="vggspec-predict-"))
+    folder = scratch_folder("models")
     click.get_current_context().call_on_close(lambda: shutil.rmtree(folder, ignore_errors=True))
     return [str(p) for p in export_forms(checkpoint, folder)]
 

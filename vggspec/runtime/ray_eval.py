@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import scratch_folder
 from ..errors import VggspecError
 from .evaluate import IMAGE_ERRORS, Report, Score, image_error
 from .protocols import Member, Protocol, Runner
@@ -82,7 +83,7 @@ class _Evaluator:
     def __init__(self, spec: RunnerSpec) -> None:
         import ray
 
-        self.folder = Path(tempfile.mkdtemp(prefix="vggspec-ray-"))
+        self.folder = scratch_folder("ray")  # a killed actor's copy is removed by the next one
         paths = {}
         for name, source in spec.files.items():
             if isinstance(source, str):
