@@ -100,3 +100,20 @@ def test_a_weights_file_where_a_spec_goes_gets_a_hint(tmp_path: Path) -> None:
     path = _checkpoint(tmp_path)
     result = CliRunner().invoke(main, ["export", str(path), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "is a weights file, not a spec" in result.output and "--weights" in result.output
+
+
+def test_eval_where_every_image_fails_reports_no_nan(tmp_path: Path) -> None:
+    from PIL import Image
+
+    model = _nan_model(tmp_path)
+    for label in ("cat", "dog"):
+        (tmp_path / "val" / label).mkdir(parents=True)
+        Image.fromarray(np.full((10, 10, 3), 99, np.uint8)).save(tmp_path / "val" / label / "a.png")
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(main, ["eval", str(model), "--data", str(tmp_path / "val"), *extra])
+        assert result.exit_code == 1 and "none of the 2 images could be evaluated" in result.output
+        assert "nan" not in result.output.lower().replace("nan or", "").replace("nan.onnx", "")
+        if extra:
+            line = next(x for x in result.output.splitlines() if x.startswith("{"))
+            rows = json.loads(line)["rows"]
+            assert rows[0]["top1_error"] is None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .common import examples, parse_hw
+from .common import examples, fail, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
@@ -317,8 +317,10 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
         out = report.to_dict() | {"models": [m.path for mem in members for m in mem.models], "data": data,
                                   "classes": len(classes), "provider": runner.provider}
         click.echo(json.dumps(out))
-    else:
+    elif report.images:
         _print_table(report, runner, members, data, len(classes), len(items))
+    if not report.images:
+        fail(f"{data}: error: none of the {len(items)} images could be evaluated (each is named above)")
     if report.failed:
         click.echo(f"{len(report.failed)} of {len(items)} images failed", err=True)
         sys.exit(1)

@@ -92,7 +92,9 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": [{"protocol": p.name, "scales": [q for q in p.scales], "flip": p.flip, "images": s.n,
-                      "top1_error": s.top1, "top5_error": s.top5} for p, s in self.scores.items()],
+                      # null, not NaN, when no image was evaluated: NaN is not JSON, and not a result
+                      "top1_error": s.top1 if s.n else None, "top5_error": s.top5 if s.n else None}
+                     for p, s in self.scores.items()],
             "failed": [{"image": path, "error": msg} for path, msg in self.failed],
             "images": self.images, "seconds": self.seconds, "images_per_s": self.images_per_s,
         }
