@@ -6,9 +6,10 @@ so `vggspec --help` stays fast; torch is never imported on this path.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +19,7 @@ from .common import examples, fail, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
+    from ..runtime.members import ModelOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 PROTOCOL_CHOICE = click.Choice(["dense", "multi-crop", "combined"])
@@ -69,8 +71,12 @@ def _overrides(size: str | None, mean: str | None, std: str | None, scale: float
                      labels=read_labels(labels))
 
 
+MODEL_FLAGS = ("dense_model", "crop_model", "ensemble", "flip", "device", "threads", "batch_size", "labels", "size",
+               "mean", "std", "scale")
+
+
 def model_options(f: F) -> F:
-    """Options shared by predict and eval: the models, the device, metadata for foreign models."""
+    """The options shared by predict and eval, handed to the command as one ModelOptions (`models`)."""
     options = [
         click.option("--dense-model", metavar="M.onnx", type=click.Path(dir_okay=False),
                      help="The fully convolutional form, when MODEL is the standard one (for combined)."),
@@ -95,51 +101,37 @@ def model_options(f: F) -> F:
         click.option("--std", metavar="S1,S2,S3", help="Per-channel std, for a model without vggspec metadata."),
         click.option("--scale", type=float, metavar="X", help="Pixel scale before mean/std (default 1/255)."),
     ]
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        flags = {k: kwargs.pop(k) for k in MODEL_FLAGS}
+        kwargs["models"] = _model_options(kwargs.pop("model"), flags)
+        return f(*args, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command  # type: ignore[return-value]
 
 
-# ---------------------------------------------------------------- models and protocols
+def _model_options(model: str, flags: dict[str, Any]) -> ModelOptions:
+    from ..runtime.members import ModelOptions
+
+    overrides = _overrides(flags.pop("size"), flags.pop("mean"), flags.pop("std"), flags.pop("scale"),
+                           flags.pop("labels"))
+    return ModelOptions(model=model, overrides=overrides, **flags)
 
 
-def load_members(model: str, dense_model: str | None, crop_model: str | None, ensemble: Sequence[str],
-                 device: str, threads: int | None, overrides: Any) -> list[Member]:
-    """The first network (MODEL plus its other form) and one member per --ensemble model."""
-    from ..runtime import Member, Model
+def _exporter() -> Any:
+    """The ONNX backend's two-form export of a checkpoint (torch-free), for the runtime to call.
 
-    def load(path: str) -> Model:
-        return Model(path, device=device, threads=threads, overrides=overrides)
+    Imported when called: an .onnx model never loads the compiler.
+    """
+    def export(checkpoint: str, folder: Path) -> Any:
+        from ..backends.onnx_checkpoint import export_forms
 
-    paths = checkpoint_models(model) if model.endswith(".safetensors") else [model]
-    first = [load(p) for p in paths] + [load(p) for p in (dense_model, crop_model) if p]
-    members = [Member.of(*first)]
-    for entry in ensemble:
-        members += [Member.of(load(p.strip())) for p in entry.split(",") if p.strip()]
-    return members
+        return export_forms(checkpoint, folder)
 
-
-def checkpoint_models(checkpoint: str) -> list[str]:
-    """Both forms of a vggspec checkpoint, exported into a folder that lives as long as the command."""
-    import shutil
-
-    from ..atomic import scratch_folder
-    from ..backends.onnx_checkpoint import export_forms
-
-    folder = scratch_folder("models")
-    click.get_current_context().call_on_close(lambda: shutil.rmtree(folder, ignore_errors=True))
-    return [str(p) for p in export_forms(checkpoint, folder)]
-
-
-def build_protocols(names: Sequence[str], scale_sets: Sequence[str], flip: bool,
-                    members: list[Member]) -> list[Protocol]:
-    """Every (protocol, scale set) pair asked for; defaults: dense for a dense model, Q = its input side."""
-    from ..runtime import Protocol, default_scales
-
-    lead = members[0]
-    names = list(names) or ["dense" if lead.dense is not None else "multi-crop"]
-    sets = [parse_scales(s) for s in scale_sets] or [default_scales(m for mem in members for m in mem.models)]
-    return [Protocol(name, scales, flip) for name in names for scales in sets]
+    return export
 
 
 def _flip_note(protocol: Protocol, members: list[Member]) -> bool:
@@ -170,10 +162,8 @@ def _error_line(path: str, message: str) -> None:
 @click.option("--heatmap", metavar="DIR", type=click.Path(file_okay=False),
               help="Write the top class's score map over each image to DIR/<image>.png (needs a `scores` output).")
 @model_options
-def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: str | None, top: int, as_json: bool,
-            heatmap: str | None, dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...],
-            flip: bool, device: str, threads: int | None, batch_size: int, labels: str | None, size: str | None,
-            mean: str | None, std: str | None, scale: float | None) -> None:
+def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, top: int, as_json: bool,
+            heatmap: str | None, models: ModelOptions) -> None:
     """Classify images with MODEL on onnxruntime, with the paper's testing protocols (section 3.2).
 
     MODEL is an .onnx file, or a vggspec checkpoint (.safetensors), from which both forms are
@@ -182,26 +172,24 @@ def predict(model: str, images: tuple[str, ...], protocol: str | None, scales: s
     An image that cannot be used or fails to run gets one line on stderr naming it and why; the
     others are still classified, and the exit status is 1 when any failed.
     """
-    from ..runtime import Runner
     from ..runtime.evaluate import IMAGE_ERRORS, image_error
+    from ..runtime.members import open_runner
 
-    members = load_members(model, dense_model, crop_model, ensemble, device, threads,
-                           _overrides(size, mean, std, scale, labels))
-    proto = build_protocols([protocol] if protocol else [], [scales] if scales else [], flip, members)[0]
-    runner = Runner(members, [proto], batch_size)
-    heat_model = _heatmap_model(members, heatmap)
-    failed = 0
-    used_names: set[str] = set()
-    for image in images:
-        try:
-            posterior = runner.run(image)[proto]
-            if heat_model is not None:
-                _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore[arg-type]
-        except IMAGE_ERRORS as exc:  # this image only: the others are still classified
-            failed += 1
-            _error_line(image, image_error(exc))
-            continue
-        _print_prediction(image, posterior, top, proto, runner, members, as_json)
+    with open_runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else [],
+                     _exporter()) as runner:
+        proto = runner.protocols[0]
+        heat_model = _heatmap_model(runner.members, heatmap)
+        failed, used_names = 0, set()
+        for image in images:
+            try:
+                posterior = runner.run(image)[proto]
+                if heat_model is not None:
+                    _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore
+            except IMAGE_ERRORS as exc:  # this image only: the others are still classified
+                failed += 1
+                _error_line(image, image_error(exc))
+                continue
+            _print_prediction(image, posterior, top, proto, runner, runner.members, as_json)
     if failed:
         click.echo(f"{failed} of {len(images)} images failed", err=True)
         sys.exit(1)
@@ -280,15 +268,11 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
               help="Run as Ray Data batch inference: on the cluster at ADDRESS (e.g. auto, ray://head:10001), "
                    "or on a local Ray instance without one. Image paths must be readable on every node.")
 @model_options
-def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
-             predictions: str | None, ray_address: str | None,
-             dense_model: str | None, crop_model: str | None, ensemble: tuple[str, ...], flip: bool, device: str,
-             threads: int | None, batch_size: int, labels: str | None, size: str | None, mean: str | None,
-             std: str | None, scale: float | None) -> None:
+def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
+             predictions: str | None, ray_address: str | None, models: ModelOptions) -> None:
     """Top-1 and top-5 error of MODEL (.onnx, or a .safetensors checkpoint: both forms) over a labelled image
     folder, one row per protocol and scale set."""
-    from ..errors import DataError
-    from ..runtime import Runner, list_dataset
+    from ..runtime.members import open_runner
 
     if predictions:
         from ..atomic import check_output_path
@@ -296,29 +280,19 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
         check_output_path(predictions)  # before the evaluation, not after it
     if ray_address is not None:
         import ray  # noqa: F401  (before any work: a missing extra names what to install)
-    overrides = _overrides(size, mean, std, scale, labels)
-    members = load_members(model, dense_model, crop_model, ensemble, device, threads, overrides)
-    runner = Runner(members, build_protocols(protocols, scale_sets, flip, members), batch_size)
-    items, classes = list_dataset(data, runner.lead.info.labels)
-    if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
-        raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
-    if ray_address is None:
-        report = _run_eval(runner, items)
-    else:
-        from ..runtime.ray_eval import evaluate_on_ray
-
-        report = evaluate_on_ray(runner, items, None if ray_address == "local" else ray_address, device, threads,
-                                 overrides, on_error=_error_line)
+    with open_runner(models, protocols, [parse_scales(s) for s in scale_sets], _exporter()) as runner:
+        items, classes = _dataset(data, runner)
+        report = _run_eval(runner, items, ray_address, models)
     if predictions:
         from ..runtime.evaluate import write_predictions
 
         write_predictions(report, predictions, classes)
     if as_json:
-        out = report.to_dict() | {"models": [m.path for mem in members for m in mem.models], "data": data,
-                                  "classes": len(classes), "provider": runner.provider}
-        click.echo(json.dumps(out))
+        click.echo(json.dumps(report.to_dict() | {
+            "models": [m.path for mem in runner.members for m in mem.models], "data": data,
+            "classes": len(classes), "provider": runner.provider}))
     elif report.images:
-        _print_table(report, runner, members, data, len(classes), len(items))
+        _print_table(report, runner, runner.members, data, len(classes), len(items))
     if not report.images:
         fail(f"{data}: error: none of the {len(items)} images could be evaluated (each is named above)")
     if report.failed:
@@ -326,10 +300,25 @@ def evaluate(model: str, data: str, protocols: tuple[str, ...], scale_sets: tupl
         sys.exit(1)
 
 
-def _run_eval(runner: Runner, items: list) -> Report:
-    """evaluate() with one error line per bad file, and a rich progress bar only on a terminal."""
+def _dataset(data: str, runner: Runner) -> tuple[list[tuple[Path, int]], list[str]]:
+    from ..errors import DataError
+    from ..runtime import list_dataset
+
+    items, classes = list_dataset(data, runner.lead.info.labels)
+    if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
+        raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
+    return items, classes
+
+
+def _run_eval(runner: Runner, items: list, ray_address: str | None, models: ModelOptions) -> Report:
+    """evaluate() locally (a rich progress bar on a terminal) or on Ray; one error line per bad file."""
     from ..runtime import evaluate as run
 
+    if ray_address is not None:
+        from ..runtime.ray_eval import evaluate_on_ray
+
+        return evaluate_on_ray(runner, items, None if ray_address == "local" else ray_address, models.device,
+                               models.threads, models.overrides, on_error=_error_line)
     if not sys.stderr.isatty():
         return run(runner, items, on_error=_error_line)
     from rich.console import Console
