@@ -70,38 +70,50 @@ def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] |
 
 
 class Trainer:
+    """Section 3.1's recipe, one step per line of __init__; run() then trains epoch after epoch."""
+
     def __init__(self, config: TrainConfig, world: D.World, resume: bool, overrides: dict[str, Any]) -> None:
         from ..graph.load import load_spec
 
         self.world = world
-        self.graph = load_spec(config.spec, config.sets)
+        self.graph = load_spec(config.spec, config.sets)  # the network, from its spec
         self.rundir = Path(config.rundir)
-        self.state = self._resume_state(config, resume)
-        if self.state is not None:
-            config = TrainConfig.from_dict({**self.state["config"], **overrides})
-        self.config = config
-        if config.deterministic:
-            set_deterministic()
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        self.state = self._resume_state(config, resume)  # the run to continue, or None
+        self.config = self._settings(config, overrides)  # a resumed run keeps its own settings
         self._check_data()  # every input problem surfaces before a model is built
-        if world.main:
-            self.rundir.mkdir(parents=True, exist_ok=True)
-        self._seed()
-        self.pre, self.lighting = self._statistics()
-        self.model = self._build_model()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=0.1, patience=config.patience,
-            min_lr=config.lr * 0.1 ** config.max_decreases)  # the floor caps the number of decreases
-        self.progress = Progress()
-        self.saved_step = 0
+        self._prepare()  # threads, deterministic kernels, the run folder, the seeds
+        self.pre, self.lighting = self._statistics()  # the training set's mean and colour PCA
+        self.model = self._build_model()  # the generated module, initialised or restored
+        self.optimizer, self.scheduler = self._optimiser()  # SGD with momentum; lr / 10 on a plateau
+        self.progress, self.saved_step = Progress(), 0
         if self.state is not None:
-            self._restore(self.state)
-        self.net = self._wrap()
+            self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
+        self.net = self._wrap()  # DDP across processes, torch.compile
 
     # --- setup -------------------------------------------------------------------------------
+    def _settings(self, config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+        if self.state is None:
+            return config
+        return TrainConfig.from_dict({**self.state["config"], **overrides})
+
+    def _prepare(self) -> None:
+        if self.config.deterministic:
+            set_deterministic()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.world.main:
+            self.rundir.mkdir(parents=True, exist_ok=True)
+        self._seed()
+
+    def _optimiser(self) -> tuple[torch.optim.Optimizer, Any]:
+        c = self.config
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                    weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=c.patience,
+            min_lr=c.lr * 0.1 ** c.max_decreases)  # the floor caps the number of decreases
+        return optimizer, scheduler
+
     def _resume_state(self, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
         if resume:
             return load_state(self.rundir, identity(self.graph, config.sets), warn=self.world.main)
