@@ -514,3 +514,16 @@ def test_list_dataset_class_order(tmp):
         list_dataset(root, ("n01", "other"))
     with pytest.raises(DataError, match="no class folders"):
         list_dataset(root / "n01")
+
+
+def test_a_one_cell_score_map_gets_a_note_not_a_picture(tmp_path, image):
+    from click.testing import CliRunner
+
+    from vggspec.cli import main
+
+    model = conv_model(tmp_path / "tiny.onnx", hw=(3, 3))  # a 3 x 3 conv: 1 x 2 cells on a 13 x 19 image at Q=3
+    result = CliRunner().invoke(main, ["predict", str(model), str(image), "--scales", "3",
+                                       "--heatmap", str(tmp_path / "heat")])
+    assert result.exit_code == 0, result.output
+    assert "no heat map: at Q=3 the score map has 1 x 2 cell(s)" in result.output and "1. " in result.output
+    assert not list((tmp_path / "heat").iterdir())

@@ -183,13 +183,13 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
         for image in images:
             try:
                 posterior = runner.run(image)[proto]
-                if heat_model is not None:
-                    _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore
             except IMAGE_ERRORS as exc:  # this image only: the others are still classified
                 failed += 1
                 _error_line(image, image_error(exc))
                 continue
             _print_prediction(image, posterior, top, proto, runner, runner.members, as_json)
+            if heat_model is not None:
+                _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore
     if failed:
         click.echo(f"{failed} of {len(images)} images failed", err=True)
         sys.exit(1)
@@ -232,6 +232,7 @@ def _heatmap_model(members: list[Member], heatmap: str | None) -> Model | None:
 
 def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, folder: Path, used: set[str]) -> None:
     from ..runtime import heatmap, top_k
+    from ..runtime.evaluate import IMAGE_ERRORS, image_error
 
     index, prob = top_k(posterior, 1)[0]
     name = Path(image).stem
@@ -241,7 +242,11 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
         stem = f"{name}-{n}"
     used.add(stem)
     q = max((q for q in proto.scales if q is not None), default=None)
-    written = heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+    try:
+        written = heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+    except IMAGE_ERRORS as exc:  # the prediction stands; only its picture is missing
+        click.echo(f"{image}: note: {image_error(exc)}", err=True)
+        return
     click.echo(f"heat map of {image}: {written}", err=True)  # stderr: --json output stays one object per line
 
 

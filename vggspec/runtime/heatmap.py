@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
-from ..errors import ModelError
+from ..errors import DataError, ModelError
 from ..imaging import load_pixels
 from .preprocess import check_size, to_input
 from .session import Model
+
+MIN_CELLS = 4  # a map of fewer cells (a 1 x 1 map at the input size) localises nothing
 
 
 def score_map(model: Model, path: str | Path, q: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +53,11 @@ def heatmap(model: Model, path: str | Path, q: int | None, class_index: int, out
             posterior: float | None = None) -> Path:
     """Draw the score map of `class_index` for image `path` at scale Q into `output`."""
     pixels, scores = score_map(model, path, q)
+    if scores.shape[1] * scores.shape[2] < MIN_CELLS:
+        h, w = scores.shape[1:]
+        raise DataError(f"no heat map: at Q={q if q is not None else 'native'} the score map has {h} x {w} "
+                        "cell(s), one colour over the whole image", str(path),
+                        "give a larger test scale: each 32 pixels beyond the input size add a cell")
     label = model.info.label(class_index)
     prob = f"  p={posterior:.3f}" if posterior is not None else ""
     title = f"{Path(path).name}: {label}{prob}  (Q={q if q is not None else 'native'})"
