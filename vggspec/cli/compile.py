@@ -34,10 +34,12 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
     if target == "onnx":
         if output is None:
             raise click.UsageError("--target onnx needs -o OUT.onnx")
-        from ..backends.onnx import export_onnx
+        from ..backends.onnx import DEFAULT_OPSET, export_onnx
+        from .export import _size
 
         export_onnx(graph, output)
-        click.echo(f"wrote {output} ({graph.meta.name}, ONNX)")
+        click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {DEFAULT_OPSET}, fp32, "
+                   "initialised weights; `vggspec export` takes --weights and the other forms)")
         return
     from ..atomic import write_text_atomic
     from ..backends.torch import class_name, dense_class_name, render_source
