@@ -95,10 +95,11 @@ def weights() -> None:
 
 
 @weights.command("import", epilog=examples(
-    "vggspec weights import --from torchvision vgg16.pth --spec D -o d.safetensors"))
+    "vggspec weights import --from torchvision vgg16.pth --spec D -o d.safetensors",
+    "vggspec weights import --from caffe VGG_ILSVRC_16_layers.caffemodel --spec D -o d.safetensors"))
 @click.option("--from", "source", type=click.Choice(["torchvision", "caffe"]), required=True,
               help="torchvision: a .pth state_dict (features.N, classifier.N); "
-                   "caffe: the original release's blobs as .npz/.safetensors (conv1_1.weight, ...).")
+                   "caffe: the original release's .caffemodel (or its blobs as .npz/.safetensors).")
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=False))
 @click.option("--spec", "spec", required=True, metavar="SPEC",
               help="The spec the weights belong to; with --from torchvision also vgg11..vgg19[_bn].")

@@ -10,10 +10,10 @@ except for two differences this module handles:
 - its preprocessing is pixel values 0..255 minus the mean BGR pixel (103.939, 116.779, 123.68),
   scale 1, no std: `PREPROCESSING` below is that in RGB order.
 
-Caffe files are protobuf, which vggspec does not parse: convert the .caffemodel once with any
-tool that dumps blobs (e.g. caffe's Python `net.params`) to a .npz or .safetensors file keyed
-`conv1_1.weight`, `conv1_1.bias` (or `conv1_1.0`, `conv1_1.1`, the blob indices). FC weights
-stored as convolution kernels (a fully convolutional release) are reshaped back. The release has
+The release's .caffemodel files are read directly (caffe_proto.py decodes Caffe's NetParameter with
+the protobuf library); blobs dumped to a .npz or .safetensors file keyed `conv1_1.weight`,
+`conv1_1.bias` (or `conv1_1.0`, `conv1_1.1`, the blob indices) are read too. FC weights stored as
+convolution kernels (a fully convolutional release) are reshaped back. The release has
 no batch norm, so only `norm: none` specs map.
 """
 
@@ -35,10 +35,14 @@ _BLOBS = {"weight": ("weight", "0"), "bias": ("bias", "1")}
 
 
 def load_blobs(path: str | Path) -> dict[str, np.ndarray]:
-    """Blobs from a .npz (no pickles) or a .safetensors file."""
+    """Blobs from a .caffemodel (Caffe's protobuf), a .npz (no pickles) or a .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError("no such file", str(path))
+    if path.suffix == ".caffemodel":
+        from .caffe_proto import read_caffemodel
+
+        return read_caffemodel(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.numpy import load_file
@@ -47,7 +51,8 @@ def load_blobs(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except Exception as exc:  # numpy and safetensors raise many kinds of errors for damaged files
-        raise WeightsError(f"cannot read Caffe blobs ({exc})", str(path), "give a .npz or .safetensors file") from None
+        raise WeightsError(f"cannot read Caffe blobs ({exc})", str(path),
+                           "give a .caffemodel, or blobs in a .npz or .safetensors file") from None
 
 
 def from_caffe(graph: LayerGraph, blobs: Mapping[str, np.ndarray], path: str | None = None) -> dict[str, np.ndarray]:
@@ -61,9 +66,7 @@ def from_caffe(graph: LayerGraph, blobs: Mapping[str, np.ndarray], path: str | N
         found = [f"{name}.{alias}" for alias in _BLOBS[kind] if f"{name}.{alias}" in blobs]
         if not found:
             raise WeightsError(f"missing blob {name}.{kind} (or {name}.{_BLOBS[kind][1]}) for layer {name}", path)
-        value = np.asarray(blobs[found[0]], dtype=np.float32)
-        if graph.layer(name).op == "fc" and kind == "weight" and value.ndim == 4:
-            value = value.reshape(value.shape[0], -1)  # (out, C, k, k) -> (out, C*k*k), channel-major
+        value = _legacy(np.asarray(blobs[found[0]], dtype=np.float32), kind, graph.layer(name).op)
         out[key] = value
     first = graph.of_op("conv")
     if first and first[0].in_shape[0] == 3:
@@ -74,6 +77,19 @@ def from_caffe(graph: LayerGraph, blobs: Mapping[str, np.ndarray], path: str | N
         raise WeightsError(f"unexpected blob {extra[0]} (the spec has no such layer)", path)
     check_tensors(graph, out, path)
     return out
+
+
+def _legacy(value: np.ndarray, kind: str, op: str) -> np.ndarray:
+    """A blob in the layer's own shape. The 2014 release's blobs are 4-D (num, channels, height, width):
+    biases (1, 1, 1, out), FC weights (1, 1, out, in); a fully convolutional release has FC weights as
+    kernels (out, C, k, k), read channel-major as `flatten` does."""
+    if kind == "bias":
+        return value.reshape(-1)
+    if op == "fc" and value.ndim == 4:
+        if value.shape[:2] == (1, 1):
+            return value.reshape(value.shape[2], value.shape[3])
+        return value.reshape(value.shape[0], -1)
+    return value
 
 
 def to_caffe(graph: LayerGraph, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
