@@ -93,6 +93,8 @@ class ExportOptions:
     embed_preprocessing: the input is uint8 NHWC pixels; scaling and normalising happen in the graph.
     opset: ONNX opset, 13 up to what onnx knows. labels, preprocessing: the metadata's (default: the
     graph's). seed: of the initialisation used when no weights are given.
+    static_shape: (N, H, W) fixes every input and output dimension (edge compilers, tract, TensorRT);
+    H x W is the crop size for a standard model, at least that for a dense one.
     """
 
     fully_conv: bool = False
@@ -105,6 +107,7 @@ class ExportOptions:
     labels: Sequence[str] | None = None
     preprocessing: Preprocessing | None = None
     seed: int = 0
+    static_shape: tuple[int, int, int] | None = None
 
 
 def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights: dict[str, np.ndarray] | None = None,
@@ -128,8 +131,9 @@ def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights:
     if o.fully_conv and not graph.meta.fully_conv:
         dense = dense_form(graph)
         graph, weights = dense, to_dense(dense, weights)
+    _check_static(graph, o.static_shape)
     opts = _Options(graph.meta.fully_conv, o.flip, o.scores, o.embed_preprocessing, o.precision, o.opset,
-                    o.preprocessing or graph.meta.preprocessing)
+                    o.preprocessing or graph.meta.preprocessing, o.static_shape)
     if o.precision != "int8":
         return _export_float(graph, weights, opts, labels, output)
     model = _quantized(graph, weights, opts, labels, o.calibration)
@@ -182,6 +186,7 @@ class _Options:
     precision: str
     opset: int
     preprocessing: Preprocessing
+    static: tuple[int, int, int] | None = None
 
 
 def _check_options(precision: str, calibration: str | Path | None, opset: int, output: str | Path | None) -> None:
@@ -202,6 +207,18 @@ def _check_options(precision: str, calibration: str | Path | None, opset: int, o
         raise VggspecError(f"opset {opset} is not supported", hint=hint)
     if output is not None:
         check_output_path(output)
+
+
+def _check_static(graph: LayerGraph, static: tuple[int, int, int] | None) -> None:
+    if static is None:
+        return
+    n, h, w = static
+    size = graph.meta.input_shape[1:]
+    if n < 1 or (not graph.meta.fully_conv and (h, w) != size) or h < size[0] or w < size[1]:
+        need = "exactly" if not graph.meta.fully_conv else "at least"
+        raise VggspecError(f"static shape {n}x{h}x{w}: the batch must be positive and H x W {need} "
+                           f"{size[0]}x{size[1]}", hint="a standard model's input is its crop size; "
+                                                         "export --fully-conv for larger images")
 
 
 def fold_batch_norm(graph: LayerGraph, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -248,7 +265,25 @@ def build_model(
     model = helper.make_model(onnx_graph, opset_imports=opset_ids, producer_name="vggspec")
     model.ir_version = max(MIN_IR_VERSION, helper.find_min_ir_version_for(opset_ids))
     _set_metadata(model, graph, opts, labels)
+    if opts.static is not None:
+        _fix_dims(model, opts.static, arrays)
     return model
+
+
+def _fix_dims(model: onnx.ModelProto, static: tuple[int, int, int], arrays: dict[str, np.ndarray] | None) -> None:
+    """Every symbolic dimension made fixed: the input's from `static`, the outputs' by onnx's shape inference."""
+    n, h, w = static
+    for dim in model.graph.input[0].type.tensor_type.shape.dim:
+        if dim.dim_param:
+            dim.dim_value = {"N": n, "H": h, "W": w}[dim.dim_param]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+                             for k, a in (arrays or {}).items())
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True)
+    shapes = {o.name: o.type.tensor_type.shape for o in inferred.graph.output}
+    for out in model.graph.output:
+        out.type.tensor_type.shape.CopyFrom(shapes[out.name])
 
 
 def _input_stage(b: _Builder, graph: LayerGraph, opts: _Options) -> tuple[onnx.ValueInfoProto, str]:

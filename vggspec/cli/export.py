@@ -38,13 +38,15 @@ def _size(path: Path) -> str:
 @click.option("--embed-preprocessing", is_flag=True,
               help="Input `image`: uint8 (N, H, W, C) RGB; scaling and normalisation in the graph.")
 @click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 17, IR version 8).")
+@click.option("--static-shape", metavar="NxHxW", default=None, callback=lambda ctx, param, v: _static(v),
+              help="Fix every input and output dimension, e.g. 1x384x512 (edge compilers, tract, TensorRT).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initialisation when there is no --weights.")
 @click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The file to write (atomically).")
 @set_option
 def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, scores: bool, precision: str,
-           calibration: str | None, embed_preprocessing: bool, opset: int | None, seed: int, output: str,
-           sets: tuple[str, ...]) -> None:
+           calibration: str | None, embed_preprocessing: bool, opset: int | None, static_shape: tuple | None,
+           seed: int, output: str, sets: tuple[str, ...]) -> None:
     """Compile SPEC to an ONNX model for onnxruntime, without torch.
 
     Node and initializer names are the spec's layer names (conv1_1, fc6, ...). The metadata
@@ -56,12 +58,23 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
     opset = DEFAULT_OPSET if opset is None else opset
     options = ExportOptions(fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
                             calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed,
-                            **metadata)
+                            static_shape=static_shape, **metadata)
     export_onnx(graph, output, weights=tensors, options=options)
     traits = [("fully convolutional", fully_conv), ("flips in-graph", flip), ("score map output", scores),
-              ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing)]
+              ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing),
+              (f"static shape {'x'.join(map(str, static_shape or ()))}", static_shape is not None)]
     form = "".join(f", {name}" for name, on in traits if on)
     click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {opset}, {precision}{form})")
+
+
+def _static(text: str | None) -> tuple[int, int, int] | None:
+    """`1x384x512` -> (1, 384, 512)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{text}' is not NxHxW, e.g. 1x384x512")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, ...]) -> tuple:

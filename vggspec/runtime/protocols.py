@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import DataError, ModelError
 from ..imaging import MAX_PIXELS, grid_crops, load_image, mirror, rescale, to_array
 from .preprocess import check_size, to_input
 from .session import Model
@@ -108,6 +108,11 @@ def dense_posterior(model: Model, pixels: np.ndarray, flip: bool, path: str | No
                     q: int | None = None) -> np.ndarray:
     """One pass of the whole image (and its mirror when `flip` and the graph does not flip itself)."""
     check_size(pixels, model.info.input_size, path, q)
+    fixed = model.info.static_hw
+    if fixed and tuple(pixels.shape[:2]) != fixed:
+        raise DataError(f"at Q={q if q is not None else 'native'} the image is {pixels.shape[0]}x{pixels.shape[1]}, "
+                        f"but the model takes exactly {fixed[0]}x{fixed[1]} (exported with --static-shape)", path,
+                        "choose --scales that give images that size, or export the model without --static-shape")
     batch = pixels[None]
     if flip and not model.info.flip:
         batch = np.concatenate([batch, mirror(batch)])

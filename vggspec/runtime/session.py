@@ -52,6 +52,7 @@ class ModelInfo:
     input_name: str = "input"
     input_dtype: Any = np.float32
     batch: int | None = None  # a fixed batch dimension, or None when dynamic
+    static_hw: tuple[int, int] | None = None  # a dense model exported with fixed H x W (--static-shape)
     outputs: tuple[str, ...] = ("probs",)
     probs_are_logits: bool = False  # metadata-less models may end in raw scores
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
@@ -236,7 +237,10 @@ def read_info(session: Any, path: str | Path, overrides: Overrides | None = None
     _, name, dtype, shape = _input_layout(session, path)
     outputs = tuple(o.name for o in session.get_outputs())
     base = _from_metadata(meta, path) if has_metadata(meta) else _from_shape(shape, dtype, path, overrides)
-    info = replace(base, input_name=name, input_dtype=dtype, batch=_static(shape[0]), outputs=outputs, metadata=meta)
+    hw = (shape[1], shape[2]) if dtype == np.uint8 else (shape[2], shape[3])
+    static_hw = (_static(hw[0]), _static(hw[1])) if base.fully_conv and _static(hw[0]) and _static(hw[1]) else None
+    info = replace(base, input_name=name, input_dtype=dtype, batch=_static(shape[0]), outputs=outputs, metadata=meta,
+                   static_hw=static_hw)
     info = _apply_overrides(info, overrides)
     _check_io(info, shape, session)
     return info
