@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vggspec.contract import KEYS, Metadata, contract_lines, from_props, key, to_props
@@ -55,3 +56,80 @@ def test_bad_values_name_the_file_the_key_and_the_fault(name: str, value: str, f
     with pytest.raises(ModelError) as err:
         from_props(props, "bad.onnx")
     assert err.value.path == "bad.onnx" and f"vggspec.{name}" in err.value.message and fault in err.value.message
+
+
+def test_contract_page_is_generated() -> None:
+    from vggspec.contract import contract_page
+
+    assert (ROOT / "docs" / "CONTRACT.md").read_text() == contract_page()
+
+
+def _client(model_path: Path, image_path: Path, q: int) -> np.ndarray:
+    """A client written from docs/CONTRACT.md alone: numpy, Pillow, onnxruntime, the model's metadata."""
+    import json
+
+    import onnxruntime as ort
+    from PIL import Image, ImageOps
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    pre = json.loads(meta["vggspec.preprocessing"])
+    img = ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")
+    w, h = img.size
+    short = min(w, h)
+    img = img.resize((max(1, round(w * q / short)), max(1, round(h * q / short))), Image.BILINEAR)
+    pixels = np.asarray(img, np.float32)
+    x = (pixels * pre["scale"] - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
+    x = x.transpose(2, 0, 1)[None].astype(np.float32)
+    if meta["vggspec.fully_conv"] == "true":
+        batch = np.concatenate([x, x[..., ::-1]])  # the mirror, averaged (the graph does not flip itself)
+    else:
+        ch, cw = json.loads(meta["vggspec.input_size"])
+        ys = np.round(np.linspace(0, x.shape[2] - ch, 5)).astype(int)
+        xs = np.round(np.linspace(0, x.shape[3] - cw, 5)).astype(int)
+        crops = np.concatenate([x[:, :, y:y + ch, c:c + cw] for y in ys for c in xs])
+        batch = np.concatenate([crops, crops[..., ::-1]])
+    return session.run(["probs"], {"input": np.ascontiguousarray(batch)})[0].mean(axis=0)
+
+
+@pytest.mark.parametrize("form", ["dense", "standard"])
+def test_a_client_from_the_contract_page_agrees_with_predict(tmp_path: Path, form: str) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from vggspec import export_onnx, load_spec
+    from vggspec.cli import main
+
+    graph = load_spec("A", ["width=1/16", "input=32x32x3", "classes=10", "init=kaiming"])
+    model = tmp_path / f"{form}.onnx"
+    export_onnx(graph, model, fully_conv=form == "dense", seed=3)
+    rng = np.random.default_rng(2)
+    image = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the client must turn it upright as vggspec does
+    Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(image, exif=exif)
+    result = CliRunner().invoke(main, ["predict", str(model), str(image), "--scales", "40", "--json", "--top", "5"])
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output)["top"]
+    mine = _client(model, image, 40)
+    for entry in top:
+        assert abs(mine[entry["index"]] - entry["probability"]) < 2e-6, (entry, mine[entry["index"]])
+
+
+def test_fused_models_carry_their_members_specs_and_producer(tmp_path: Path) -> None:
+    import onnx
+
+    from vggspec import __version__, export_onnx, load_spec
+    from vggspec.runtime.fuse import fuse
+
+    graph = load_spec("A", ["width=1/16", "input=32x32x3", "classes=10"])
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(graph, a, seed=1)
+    export_onnx(graph, b, seed=2)
+    fused = fuse([a, b], tmp_path / "ab.onnx")
+    props = {p.key: p.value for p in onnx.load(str(fused), load_external_data=False).metadata_props}
+    meta = from_props(props, str(fused))
+    assert meta.member_specs == (graph.meta.spec_text, graph.meta.spec_text) and meta.spec == ""
+    assert meta.version == __version__ and meta.contract == 1

@@ -21,6 +21,17 @@ PREFIX = "vggspec."
 PROTOBUF_LIMIT = 2_000_000_000
 EXTERNAL_DATA_BYTES = PROTOBUF_LIMIT - 64 * 2**20  # the graph itself needs some of the 2 GB
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+CONTRACT_VERSION = 1  # raised when a key changes meaning; readers refuse versions above theirs
+# How a client turns a decoded image into the network's input, as vggspec.imaging does it; carried in
+# every model so that a client in another language needs nothing but the file.
+RESIZE = {"filter": "bilinear", "library": "Pillow Image.resize (filters over the source when shrinking)",
+          "size": "the shorter side becomes Q; the other is round(side * Q / shorter), half to even, at least 1",
+          "exif": "apply the EXIF orientation first (Pillow ImageOps.exif_transpose)",
+          "mode": "RGB (or L for 1 channel); 16-bit images scaled to 8 bits; alpha dropped"}
+CROPS = {"grid": 5, "positions": "round(linspace(0, side - crop, 5)) along each axis, half to even",
+         "mirror": "with flip, each crop and its horizontal mirror: 50 crops per scale",
+         "average": "posteriors averaged over crops, then over scales",
+         "centre": "training validation: top = (H - h) // 2, left = (W - w) // 2"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,10 @@ KEYS: dict[str, Key] = {
     "scores": Key("flag", "`true` when a second output `scores` holds the class score map (N, classes, h, w)"),
     "precision": Key("precision", f"one of {', '.join(PRECISIONS)}"),
     "members": Key("names", "JSON list of the member names (fused models only)"),
+    "member_specs": Key("names", "JSON list of the members' spec texts, in member order (fused models only)"),
+    "contract": Key("int", f"the version of this contract the model was written for (now {CONTRACT_VERSION})"),
+    "resize": Key("json", "JSON object: how images are rescaled to a test scale Q (filter, rounding, EXIF)"),
+    "crops": Key("json", "JSON object: the multi-crop protocol a standard model is evaluated with"),
 }
 REQUIRED = ("input_size", "preprocessing")  # without these a model carries no vggspec metadata at all
 
@@ -67,6 +82,10 @@ class Metadata:
     spec: str = ""
     version: str = ""
     members: tuple[str, ...] = ()
+    member_specs: tuple[str, ...] = ()
+    contract: int = CONTRACT_VERSION
+    resize: tuple[tuple[str, Any], ...] = tuple(RESIZE.items())
+    crops: tuple[tuple[str, Any], ...] = tuple(CROPS.items())
 
 
 def key(name: str) -> str:
@@ -81,7 +100,7 @@ def to_props(meta: Metadata) -> dict[str, str]:
     props: dict[str, str] = {}
     for f in fields(Metadata):
         value = getattr(meta, f.name)
-        if value in ("", ()) and f.name in ("spec", "version", "labels", "members"):
+        if value in ("", ()) and f.name in ("spec", "version", "labels", "members", "member_specs"):
             continue
         props[key(f.name)] = _encode(KEYS[f.name].kind, value)
     return props
@@ -92,6 +111,8 @@ def _encode(kind: str, value: Any) -> str:
         return "true" if value else "false"
     if kind in ("size", "names"):
         return json.dumps(list(value))
+    if kind == "json":
+        return json.dumps(dict(value))
     if kind == "preprocessing":
         return json.dumps(value.to_dict())
     return str(value)
@@ -114,7 +135,8 @@ def from_props(props: Mapping[str, str], path: str, default_name: str = "model")
         labels=read.names("labels"), fully_conv=read.flag("fully_conv"), flip=read.flag("flip"),
         embedded_preprocessing=read.flag("embedded_preprocessing"), scores=read.flag("scores"),
         precision=read.precision(), spec=props.get(key("spec"), ""), version=props.get(key("version"), ""),
-        members=read.names("members"),
+        members=read.names("members"), member_specs=read.names("member_specs"), contract=read.contract(),
+        resize=read.agreed("resize", RESIZE), crops=read.agreed("crops", CROPS),
     )
     if meta.labels and meta.classes and len(meta.labels) != meta.classes:
         read.fail("labels", f"has {len(meta.labels)} labels for {meta.classes} classes")
@@ -157,6 +179,22 @@ class _Reader:
             self.fail("input_size", "is not [H, W] with two positive integers")
         return value[0], value[1]
 
+    def contract(self) -> int:
+        version = self.positive_int("contract", 1)  # models before the key existed wrote version 1
+        if version > CONTRACT_VERSION:
+            self.fail("contract", f"is newer than this vggspec reads (up to {CONTRACT_VERSION}): upgrade vggspec")
+        return version
+
+    def agreed(self, name: str, expected: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """A procedure the model states: it must be the one this runtime carries out."""
+        if key(name) not in self.props:
+            return tuple(expected.items())
+        value = self._json(name)
+        if not isinstance(value, dict) or any(value.get(k) != v for k, v in expected.items()
+                                              if k in ("filter", "grid")):
+            self.fail(name, "asks for a procedure this vggspec does not carry out")
+        return tuple(value.items())
+
     def flag(self, name: str) -> bool:
         text = self.props.get(key(name), "false").strip().lower()
         if text not in ("true", "false"):
@@ -195,3 +233,51 @@ class _Reader:
 def contract_lines() -> list[str]:
     """The contract as docs/DEVELOPING.md prints it: one bullet per key."""
     return [f"- `{PREFIX}{name}` ({k.kind}): {k.doc}" for name, k in KEYS.items()]
+
+
+CLIENT_STEPS = """\
+## Running a vggspec model without vggspec
+
+What `vggspec predict` does, step by step, with every choice that changes the numbers. A client that
+follows it agrees with vggspec to float rounding (tests/test_contract.py runs a 30-line numpy + Pillow
+client against `vggspec predict`).
+
+1. **Decode** the file with its EXIF orientation applied; convert to RGB (or L when `channels` is 1):
+   palette and alpha images through their colours, 16-bit images scaled to 8 bits (`resize.mode`).
+2. **Rescale** so that the shorter side is Q: the other side is `round(side * Q / shorter)` with round
+   half to even, at least 1; Pillow's bilinear filter (`Image.resize(size, Image.BILINEAR)`), which
+   averages over the source pixels when shrinking (OpenCV's `INTER_LINEAR` does not: use `INTER_AREA`
+   when shrinking or expect differences of about 1e-2 in probability). Q is a test scale; a standard
+   model's Q defaults to `input_size`'s shorter side.
+3. **Normalise**: `x = (pixel * scale - mean) / std` per channel, pixels 0..255 in `channel_order`, as
+   `preprocessing` says; lay the batch out as `layout` (NCHW unless stated). A model with
+   `embedded_preprocessing` takes the uint8 (N, H, W, C) RGB pixels instead and does this itself.
+4. **Run**:
+   - a dense model (`fully_conv`) takes the whole rescaled image; its `probs` are the soft-max of the
+     spatially averaged class scores. With `flip` the graph also runs the mirror image and averages;
+     without it, run the mirror yourself (flip the width axis) and average the two posteriors.
+   - a standard model takes `input_size` crops: the 5 x 5 grid at offsets
+     `round(linspace(0, side - crop, 5))` along each axis (half to even), each crop and its mirror
+     (50 per scale), posteriors averaged (`crops`). Training validation uses one centre crop,
+     top = (H - h) // 2, left = (W - w) // 2.
+5. **Average** the posteriors over the test scales Q, then over the forms (combined: dense and
+   multi-crop), then over ensemble members. A fused model (`members`) has done the last step in-graph.
+
+A model whose `contract` is above the reader's version must be refused: a key may have changed meaning.
+"""
+
+
+def contract_page() -> str:
+    """docs/CONTRACT.md: every key of this contract version and the client's procedure."""
+    head = [f"# The vggspec ONNX contract, version {CONTRACT_VERSION}", "",
+            "Every model vggspec exports carries these `metadata_props` (strings; JSON where stated), written by",
+            "`vggspec export` and read by `vggspec predict`/`eval`. This page is generated from",
+            "`vggspec/contract.py` (`python -m vggspec.contract > docs/CONTRACT.md`); a test keeps them equal.", "",
+            "## Keys", "", *contract_lines(), "",
+            "`resize` and `crops` as written today:", "",
+            f"- `resize`: `{json.dumps(RESIZE)}`", f"- `crops`: `{json.dumps(CROPS)}`", ""]
+    return "\n".join(head) + "\n" + CLIENT_STEPS
+
+
+if __name__ == "__main__":
+    print(contract_page(), end="")

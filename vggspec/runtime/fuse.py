@@ -157,12 +157,16 @@ def build_fused(paths: Sequence[str | Path]) -> Any:
 
 
 def _fused_meta(metas: Sequence[Metadata], with_scores: bool) -> Metadata:
-    """The first member's metadata, renamed for the ensemble; no one spec describes it, so none is kept."""
+    """The first member's metadata, renamed for the ensemble; no one spec describes it, so the members'
+    specs are kept side by side, and this vggspec is named as the producer."""
+    from ..version import __version__
+
     names = tuple(m.name for m in metas)
     precisions = {m.precision for m in metas}
     same_labels = all(m.labels == metas[0].labels for m in metas)
     return replace(metas[0], name="+".join(names), members=names, scores=with_scores, spec="",
-                   precision=precisions.pop() if len(precisions) == 1 else "mixed",
+                   member_specs=tuple(s for m in metas for s in (m.member_specs or (m.spec,))),
+                   version=__version__, precision=precisions.pop() if len(precisions) == 1 else "mixed",
                    labels=metas[0].labels if same_labels else ())  # disagreeing names: indices only
 
 
