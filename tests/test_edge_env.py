@@ -1,8 +1,9 @@
-"""An edge box: a real virtual environment holding exactly what `vggspec[cpu]` installs, and no torch.
+"""Edge boxes: real virtual environments holding exactly what `vggspec[cpu]` (the runtime alone) and
+`vggspec[compile,cpu]` install, and no torch.
 
-The environment is assembled from this interpreter's installed distributions (no network): the
-requirement closure of vggspec's core dependencies plus onnxruntime, linked into a fresh venv.
-Export, predict, eval and fuse then run there as separate processes.
+Each environment is assembled from this interpreter's installed distributions (no network): the
+requirement closure of vggspec's core dependencies (plus the extra's) plus onnxruntime, linked into a
+fresh venv. The commands then run there as separate processes.
 """
 
 from __future__ import annotations
@@ -47,13 +48,11 @@ def top_level_entries(dist_name: str) -> set[str]:
     }
 
 
-@pytest.fixture(scope="module")
-def edge_python(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("edge")
-    core = [
-        Requirement(r).name for r in metadata.distribution("vggspec").requires or [] if Requirement(r).marker is None
-    ]
-    dists = requirement_closure([*core, "onnxruntime"])
+def _edge_env(base: Path, extras: tuple[str, ...]) -> Path:
+    requires = [Requirement(r) for r in metadata.distribution("vggspec").requires or []]
+    names = [r.name for r in requires if r.marker is None]
+    names += [r.name for r in requires for e in extras if r.marker is not None and r.marker.evaluate({"extra": e})]
+    dists = requirement_closure([*names, "onnxruntime"])
     assert not {"torch", "torchvision"} & dists
     site = base / "site"
     site.mkdir()
@@ -70,6 +69,18 @@ def edge_python(tmp_path_factory) -> Path:
     )
     Path(purelib.strip(), "edge.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n{ROOT}\n")
     return python
+
+
+@pytest.fixture(scope="module")
+def edge_python(tmp_path_factory) -> Path:
+    """vggspec[compile,cpu]: export, fuse, predict and eval, without torch."""
+    return _edge_env(tmp_path_factory.mktemp("edge"), ("compile",))
+
+
+@pytest.fixture(scope="module")
+def runtime_python(tmp_path_factory) -> Path:
+    """vggspec[cpu]: the runtime alone, as an edge box that only runs exported files installs it."""
+    return _edge_env(tmp_path_factory.mktemp("runtime"), ())
 
 
 def run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -132,3 +143,30 @@ def test_export_predict_eval_fuse_without_torch(edge_python, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert {"dense", "multi-crop", "combined"} <= {r["protocol"] for r in rows["rows"]}
+
+
+def test_the_runtime_alone_predicts_and_evaluates_and_names_the_missing_extra(runtime_python, tmp_path):
+    from PIL import Image
+
+    from vggspec import export_onnx, load_spec
+
+    (tmp_path / "edge.vgg").write_text(SPEC)
+    graph = load_spec(tmp_path / "edge.vgg")
+    export_onnx(graph, tmp_path / "dense.onnx", fully_conv=True, flip=True)  # made where the compiler is
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / "0.png")
+    out = run(runtime_python, "-c", "import networkx", cwd=tmp_path)
+    assert out.returncode != 0 and "No module named 'networkx'" in out.stderr
+    cli = ("-m", "vggspec")
+    done = run(runtime_python, *cli, "predict", "dense.onnx", "data/a/0.png", "--scales", "32,40", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = run(runtime_python, *cli, "eval", "dense.onnx", "--data", "data", "--scales", "32", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 3
+    for args, extra in ((("export", "edge.vgg", "-o", "x.onnx"), "compile"), (("summary", "edge.vgg"), "compile"),
+                        (("fuse", "dense.onnx", "dense.onnx", "-o", "f.onnx"), "compile")):
+        done = run(runtime_python, *cli, *args, cwd=tmp_path)
+        assert done.returncode == 1 and f"pip install 'vggspec[{extra}]'" in done.stderr, done.stderr
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr

@@ -6,18 +6,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import DataError, ModelError, SpecError, SpecNotFoundError, VggspecError, WeightsError
-from .graph import LayerGraph, build, fully_conv
-from .graph.load import load_spec, loads_spec
-from .resources import resolve_spec
-from .spec import parse, parse_file  # noqa: F401  (re-exported for users)
 from .version import __version__
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
+    from .graph import LayerGraph
+
+# The compiler (networkx, jinja2, onnx) loads on first use: the runtime path (`vggspec predict` of an
+# .onnx file, `import vggspec.runtime`) runs on an edge box that has only vggspec's core and onnxruntime.
+_LAZY = {"LayerGraph": ".graph", "build": ".graph", "fully_conv": ".graph", "load_spec": ".graph.load",
+         "loads_spec": ".graph.load", "resolve_spec": ".resources", "parse": ".spec", "parse_file": ".spec",
+         "ExportOptions": ".backends.onnx"}
+
 
 def _graph(spec_or_graph: str | Path | LayerGraph) -> LayerGraph:
+    from .graph import LayerGraph
+    from .graph.load import load_spec
+
     return spec_or_graph if isinstance(spec_or_graph, LayerGraph) else load_spec(spec_or_graph)
 
 
@@ -41,11 +48,10 @@ def export_onnx(
 
 
 def __getattr__(name: str) -> Any:
-    # ExportOptions lives with the ONNX backend, which imports onnx: loaded on first use only.
-    if name == "ExportOptions":
-        from .backends.onnx import ExportOptions
+    if name in _LAZY:
+        import importlib
 
-        return ExportOptions
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'vggspec' has no attribute {name!r}")
 
 

@@ -35,3 +35,7 @@ class DataError(VggspecError):
 
 
 __all__ = ["DataError", "Diagnostic", "ModelError", "SpecError", "SpecNotFoundError", "VggspecError", "WeightsError"]
+
+
+class PassError(ValueError):
+    """A graph pass cannot apply to this graph (say, an input too small for the dense form)."""

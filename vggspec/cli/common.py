@@ -5,19 +5,23 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..errors import SpecError, VggspecError
-from ..graph import LayerGraph, PassError
+from ..errors import PassError, SpecError, VggspecError
+
+if TYPE_CHECKING:
+    from ..graph import LayerGraph
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 # Optional dependencies and the extra that brings each: a missing one is the user's setup, not our bug.
 EXTRAS = {"torch": "vggspec[train]", "torchvision": "vggspec[train]", "sklearn": "vggspec[train]",
-          "onnxruntime": "vggspec[cpu]", "ray": "vggspec[ray]"}
+          "onnxruntime": "vggspec[cpu]", "ray": "vggspec[ray]", "networkx": "vggspec[compile]",
+          "jinja2": "vggspec[compile]", "onnx": "vggspec[compile]", "safetensors": "vggspec[compile]",
+          "google": "vggspec[compile]", "matplotlib": "vggspec[draw]", "pydot": "vggspec[draw]"}
 
 
 def fail(message: str, code: int = 1) -> None:

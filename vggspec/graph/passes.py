@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import PassError
 from .infer import ShapeError, annotate
 from .layer import Layer
 from .layergraph import LayerGraph
-
-
-class PassError(ValueError):
-    """A pass cannot apply to this graph (say, an input too small for the dense form)."""
 
 
 def fully_conv(graph: LayerGraph, input_hw: tuple[int, int] | None = None) -> LayerGraph:
