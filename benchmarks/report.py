@@ -138,6 +138,21 @@ def write_results(sections: list[Section], machine: Machine, quick: bool, path: 
     return path
 
 
+def _merge_targets(blocks: list[list[str]], sections: list[Section]) -> None:
+    """The summary table keeps other sections' rows and takes the re-run sections' rows afresh."""
+    names = {s.name for s in sections}
+    fresh = _summary(sections)[4:]  # the rows, without the title and the table header
+    at = [i for i, b in enumerate(blocks) if b and b[0] == "## Targets"]
+    if not at:
+        if fresh:
+            blocks.insert(2 if len(blocks) > 2 else len(blocks), _summary(sections))
+        return
+    block = blocks[at[0]]
+    kept = [line for line in block if not (line.startswith("| ") and line.split("|")[1].strip() in names)]
+    table_end = max(i for i, line in enumerate(kept) if line.startswith("|")) + 1
+    blocks[at[0]] = kept[:table_end] + [line for line in fresh if line.startswith("|")] + kept[table_end:]
+
+
 def merge_results(sections: list[Section], machine: Machine, path: Path = RESULTS) -> Path:
     """A partial run (--only) replaces its own sections in RESULTS.md and keeps every other one as it was."""
     if not path.exists():
@@ -154,6 +169,7 @@ def merge_results(sections: list[Section], machine: Machine, path: Path = RESULT
             blocks[at[0]] = fresh
         else:
             blocks.append(fresh)
+    _merge_targets(blocks, sections)
     text = "\n".join("\n".join(b).rstrip() + "\n" for b in blocks if b)
     path.write_text(text.replace("\n## ", "\n\n## ").replace("\n\n\n## ", "\n\n## "))
     return path
