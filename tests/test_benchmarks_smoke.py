@@ -41,3 +41,20 @@ def test_compile_section_quick(tmp_path) -> None:
     out = write_results([section], describe_machine(), quick=True, path=tmp_path / "RESULTS.md")
     text = out.read_text()
     assert "CPU:" in text and "| D: spec -> graph -> torch source |" in text
+
+
+def test_a_partial_run_refreshes_only_its_rows_of_the_targets_table(tmp_path) -> None:
+    from benchmarks.common import Machine
+    from benchmarks.report import Section, merge_results
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# r\n\n## Machine\n\n- x\n\n## Targets\n\n| section | figure | value | target | |\n"
+                    "| --- | --- | --- | --- | --- |\n| a | fa | 1 | >= 1 | met |\n"
+                    "| b | old | 0 | >= 1 | **missed** |\n\n## A\n\nold a\n\n## B\n\nold b\n")
+    b = Section("b", "B", "cmd")
+    b.add("new", 2.0, "x", ">= 1", True)
+    machine = Machine("cpu", 2, 2, 2, [], 1.0, {}, "2026-11-28", (0.0, 0.0, 0.0))
+    merge_results([b], machine, path)
+    text = path.read_text()
+    assert "| a | fa | 1 | >= 1 | met |" in text and "| b | new | 2 x | >= 1 | met |" in text
+    assert "| b | old |" not in text and "old a" in text and "old b" not in text
