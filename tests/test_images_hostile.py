@@ -283,3 +283,18 @@ def test_eval_prints_a_bomb_as_one_line_without_a_raw_warning(tmp_path: Path, va
         "could be decompression bomb DOS attack.)",
         "1 of 7 images failed",
     ]
+
+
+def test_calibration_names_a_dangling_link(tmp_path: Path) -> None:
+    import warnings
+
+    from vggspec.backends.onnx_quant import calibration_images
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert calibration_images(folder) == [folder / "a.png"]
+    assert any("gone.png" in str(w.message) and "not used for calibration" in str(w.message) for w in caught)

@@ -177,3 +177,12 @@ def test_an_old_state_pt_run_is_refused(whole: Path, tmp_path: Path, monkeypatch
     assert "written by an older vggspec" in result.output and "Traceback" not in result.output
     with pytest.raises(VggspecError, match="older vggspec"):
         latest_state(run)
+    fresh = CliRunner().invoke(main_cli(), ["train", str(whole / "tiny.vgg"), "--data", str(whole / "data"), "-o",
+                                            str(run), "--workers", "0", "--no-progress"])
+    assert fresh.exit_code == 1 and "holds a run of an older vggspec (state.pt)" in fresh.output  # not "--resume"
+
+
+def main_cli() -> object:
+    from vggspec.cli import main
+
+    return main

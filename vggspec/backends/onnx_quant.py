@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 
 from ..errors import DataError, VggspecError
-from ..imaging import IMAGE_EXTENSIONS, center_crop, list_images, load_pixels, model_input
+from ..imaging import IMAGE_EXTENSIONS, center_crop, load_pixels, model_input, scan_images
 from ..preprocessing import Preprocessing
 
 # The network's compute ops; the head (spatial mean, soft-max, flip average) stays float32.
@@ -42,7 +43,9 @@ def calibration_images(folder: str | Path | None) -> list[Path]:
     if not path.is_dir():
         what = "calibration path is not a folder" if path.exists() else "calibration folder does not exist"
         raise DataError(what, str(path))
-    images = list_images(path)
+    images, problems = scan_images(path)
+    for bad, why in problems:  # a calibration image gone missing is worth a line, not silence
+        warnings.warn(f"{bad}: {why}; not used for calibration", stacklevel=2)
     if not images:
         hint = f"put some {', '.join(IMAGE_EXTENSIONS[:3])} files in it"
         raise DataError("calibration folder has no images", str(path), hint)

@@ -6,6 +6,7 @@ DIR/train/<class>/* and DIR/val/<class>/*; classes are the sorted folder names o
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ def scan_split(root: Path, classes: tuple[str, ...] | None = None) -> Split:
     if not root.is_dir():
         raise DataError("no such folder", str(root), "the data folder needs train/<class>/ and val/<class>/ folders")
     split = scan_image_folder(root, classes, "every class folder of val/ needs its twin in train/")
-    for path, _, why in split.problems:  # a dangling link is the user's image gone missing: say so, once
-        warnings.warn(f"{path}: {why}; skipped", stacklevel=2)
+    if os.environ.get("RANK", "0") == "0":  # every rank scans; one says what it skips
+        for path, _, why in split.problems:  # a dangling link is the user's image gone missing: say so, once
+            warnings.warn(f"{path}: {why}; skipped", stacklevel=2)
     return split
 
 
