@@ -37,9 +37,13 @@ def temp_prefix(path: Path) -> str:
 
 def sweep_stale(path: Path) -> list[Path]:
     """Remove the temporaries of killed writers of `path`; returns what was removed."""
-    head = f".{path.name}.{_MARK}-{socket.gethostname()}-"
+    return _sweep(path.parent, f".{path.name}.{_MARK}-{socket.gethostname()}-")
+
+
+def _sweep(folder: Path, head: str) -> list[Path]:
+    """Remove the entries of `folder` named `HEAD<pid>-...` whose process is gone."""
     removed = []
-    for entry in path.parent.glob(glob.escape(head) + "*"):
+    for entry in folder.glob(glob.escape(head) + "*"):
         pid = entry.name[len(head):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             if entry.is_dir() and not entry.is_symlink():
@@ -100,8 +104,5 @@ def scratch_folder(tag: str) -> Path:
     """
     root = Path(tempfile.gettempdir())
     head = f"vggspec-{tag}-{socket.gethostname()}-"
-    for entry in root.glob(glob.escape(head) + "*"):
-        pid = entry.name[len(head):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+    _sweep(root, head)
     return Path(tempfile.mkdtemp(prefix=f"{head}{os.getpid()}-", dir=root))

@@ -45,7 +45,7 @@ from ..errors import ModelError, VggspecError
 from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
 from ..graph import fully_conv as dense_form
 from ..weights import check_tensors, init_weights, to_dense
-from .onnx_stream import check_graph, check_model, save_model, write_atomic
+from .onnx_stream import check_graph, check_model, save_model, with_weight_inputs, write_atomic
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, Unsqueeze/Split with tensor inputs, per-channel QDQ
@@ -276,10 +276,7 @@ def _fix_dims(model: onnx.ModelProto, static: tuple[int, int, int], arrays: dict
     for dim in model.graph.input[0].type.tensor_type.shape.dim:
         if dim.dim_param:
             dim.dim_value = {"N": n, "H": h, "W": w}[dim.dim_param]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
-                             for k, a in (arrays or {}).items())
+    probe = with_weight_inputs(model, arrays or {})
     inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True)
     shapes = {o.name: o.type.tensor_type.shape for o in inferred.graph.output}
     for out in model.graph.output:

@@ -99,13 +99,18 @@ def check_graph(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Non
     That the file then holds exactly these tensors is onnx_stream's contract (tested against
     onnx.save_model); parsing D's 553 MB back only to re-check it would double export's memory.
     """
+    check_model(with_weight_inputs(skeleton, arrays))
+
+
+def with_weight_inputs(skeleton: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `skeleton` declaring its kept-apart weights as typed graph inputs, for checking and inference."""
     probe = onnx.ModelProto()
     probe.CopyFrom(skeleton)
     probe.graph.input.extend(
         helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
         for name, a in arrays.items()
     )
-    check_model(probe)
+    return probe
 
 
 def _check_large(model: onnx.ModelProto) -> None:
