@@ -299,6 +299,17 @@ def test_auto_moves_from_a_broken_tensorrt_to_tuned_cuda(models, monkeypatch):
     assert calls[-1] == [("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"]
 
 
+def test_explicit_tensorrt_that_fails_does_not_settle_for_cuda(models, monkeypatch):
+    def behaviour(providers):
+        if providers[0] == "TensorrtExecutionProvider":
+            raise RuntimeError("libnvinfer.so.10: cannot open shared object file")
+        return providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+
+    _fake_gpu(monkeypatch, behaviour)
+    with pytest.raises(ModelError, match="TensorrtExecutionProvider failed to initialise .*libnvinfer"):
+        create_session(models["dense"], device="tensorrt")
+
+
 def test_a_build_that_refuses_the_options_gets_plain_cuda(models, monkeypatch):
     # onnxruntime answers an unknown provider option by falling back to the CPU (and printing why).
     calls = _fake_gpu(monkeypatch, lambda ps: "CPUExecutionProvider" if isinstance(ps[0], tuple) else ps[0])

@@ -115,15 +115,13 @@ def provider_list(device: str) -> list[str]:
     if device not in DEVICES:
         raise ModelError(f"unknown device '{device}'", hint=f"use one of {', '.join(DEVICES)}")
     available = set(_ort().get_available_providers())
+    if device != "cpu" and available & GPU_PROVIDERS:
+        _preload_gpu_libraries()
     if device == "auto":
-        if available & GPU_PROVIDERS:
-            _preload_gpu_libraries()
         return [PROVIDERS[d] for d in AUTO_ORDER if PROVIDERS[d] in available or d == "cpu"]
     if device == "cpu":
         return [PROVIDERS["cpu"]]
     wanted = PROVIDERS[device]
-    if wanted in GPU_PROVIDERS and wanted in available:
-        _preload_gpu_libraries()
     if wanted not in available:
         raise ModelError(
             f"--device {device}: this onnxruntime has no {wanted} (it has {', '.join(sorted(available))})",
@@ -161,7 +159,8 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
         raise ModelError("is a folder, not an ONNX model", str(path))
     chain = provider_list(device)
     why = ""
-    for i, gpu in enumerate(chain[:-1]):
+    # auto moves down the chain; an explicit device tries its own provider only (and fails without it).
+    for i, gpu in enumerate(chain[:-1] if device in ("auto", "cpu") else chain[:1]):
         session, why = _try_gpu(path, chain[i:], threads)
         if session is not None:
             return session, gpu
