@@ -179,7 +179,8 @@ def test_an_old_state_pt_run_is_refused(whole: Path, tmp_path: Path, monkeypatch
         latest_state(run)
     fresh = CliRunner().invoke(main_cli(), ["train", str(whole / "tiny.vgg"), "--data", str(whole / "data"), "-o",
                                             str(run), "--workers", "0", "--no-progress"])
-    assert fresh.exit_code == 1 and "holds a run of an older vggspec (state.pt)" in fresh.output  # not "--resume"
+    assert fresh.exit_code == 1 and "written by an older vggspec, which cannot be resumed" in fresh.output
+    assert "--resume" not in fresh.output
 
 
 def main_cli() -> object:

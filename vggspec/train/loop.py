@@ -29,7 +29,18 @@ from .config import TrainConfig
 from .data import GlobalBatchSampler, ImageDataset, Split, channel_stats, collate, eval_batches, scan_folder
 from .plot import append_metrics, keep_epochs, plot_metrics, read_metrics
 from .progress import EpochBar
-from .state import OLD_STATE, STATES, Progress, capture_rng, has_run, load_state, restore_rng, save_model, save_state
+from .state import (
+    OLD_STATE,
+    STATES,
+    Progress,
+    capture_rng,
+    has_run,
+    load_state,
+    no_run_error,
+    restore_rng,
+    save_model,
+    save_state,
+)
 
 # Decoded images kept in memory (half for train, half for val): small sets skip file I/O each epoch.
 PRELOAD_BYTES = 1 << 30
@@ -117,9 +128,8 @@ class Trainer:
     def _resume_state(self, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
         if resume:
             return load_state(self.rundir, identity(self.graph, config.sets), warn=self.world.main)
-        if (self.rundir / OLD_STATE).is_file():
-            raise VggspecError("holds a run of an older vggspec (state.pt), which cannot be resumed", str(self.rundir),
-                               "train into another -o folder; its model.safetensors can start it with --weights")
+        if (self.rundir / OLD_STATE).is_file():  # not "continue it with --resume": it cannot be
+            raise no_run_error(self.rundir)
         if has_run(self.rundir):
             raise VggspecError("already holds a training run", str(self.rundir),
                                "continue it with --resume, or train into another -o folder")

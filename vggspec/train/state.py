@@ -180,8 +180,9 @@ def save_state(rundir: Path, payload: dict[str, Any]) -> Path:
 
 def _prune(rundir: Path, latest: Path) -> None:
     """Delete all but `latest` and the one before it; newer folders are an abandoned timeline."""
-    older = [p for p in _checkpoints(rundir) if int(p.name) < int(latest.name)]
-    newer = [p for p in _checkpoints(rundir) if int(p.name) > int(latest.name)]
+    folders = _checkpoints(rundir)
+    older = [p for p in folders if int(p.name) < int(latest.name)]
+    newer = [p for p in folders if int(p.name) > int(latest.name)]
     for p in older[:len(older) - (KEEP - 1)] + newer:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -227,7 +228,8 @@ def _read(folder: Path) -> dict[str, Any]:
     return state
 
 
-def _no_run(rundir: Path) -> VggspecError:
+def no_run_error(rundir: Path) -> VggspecError:
+    """Why RUNDIR cannot be resumed: an older vggspec's run, or no run at all."""
     if (rundir / OLD_STATE).is_file():
         return VggspecError(f"holds a run state ({OLD_STATE}) written by an older vggspec, which cannot be resumed",
                             str(rundir), "start a new run in another -o folder; its model.safetensors still "
@@ -241,7 +243,7 @@ def latest_state(rundir: str | Path, warn: bool = True) -> tuple[Path, dict[str,
     rundir = Path(rundir)
     folders = _checkpoints(rundir)
     if not folders:
-        raise _no_run(rundir)
+        raise no_run_error(rundir)
     failed = []
     for folder in reversed(folders):
         try:
