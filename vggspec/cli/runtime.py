@@ -121,17 +121,14 @@ def _model_options(model: str, flags: dict[str, Any]) -> ModelOptions:
     return ModelOptions(model=model, overrides=overrides, **flags)
 
 
-def _exporter() -> Any:
+def _export_checkpoint(checkpoint: str, folder: Path) -> Any:
     """The ONNX backend's two-form export of a checkpoint (torch-free), for the runtime to call.
 
     Imported when called: an .onnx model never loads the compiler.
     """
-    def export(checkpoint: str, folder: Path) -> Any:
-        from ..backends.onnx_checkpoint import export_forms
+    from ..backends.onnx_checkpoint import export_forms
 
-        return export_forms(checkpoint, folder)
-
-    return export
+    return export_forms(checkpoint, folder)
 
 
 def _flip_note(protocol: Protocol, members: list[Member]) -> bool:
@@ -176,7 +173,7 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
     from ..runtime.members import open_runner
 
     with open_runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else [],
-                     _exporter()) as runner:
+                     _export_checkpoint) as runner:
         proto = runner.protocols[0]
         heat_model = _heatmap_model(runner.members, heatmap)
         failed, used_names = 0, set()
@@ -285,7 +282,7 @@ def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...],
         check_output_path(predictions)  # before the evaluation, not after it
     if ray_address is not None:
         import ray  # noqa: F401  (before any work: a missing extra names what to install)
-    with open_runner(models, protocols, [parse_scales(s) for s in scale_sets], _exporter()) as runner:
+    with open_runner(models, protocols, [parse_scales(s) for s in scale_sets], _export_checkpoint) as runner:
         items, classes = _dataset(data, runner)
         report = _run_eval(runner, items, ray_address, models)
     if predictions:
