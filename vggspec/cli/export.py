@@ -73,7 +73,7 @@ def _static(text: str | None) -> tuple[int, int, int] | None:
         return None
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(f"'{text}' is not NxHxW, e.g. 1x384x512")
+        raise click.BadParameter(f"'{text}' is not NxHxW in positive integers, e.g. 1x384x512")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
