@@ -72,3 +72,23 @@ def test_ray_path_keeps_the_local_runtime_free_of_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
         **os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_the_driver_stops_a_ray_run_whose_model_fails_on_every_image(tmp_path: Path, monkeypatch) -> None:
+    """The workers' results, faked: 30 model failures after 20 unreadable files; the driver reports the same
+    streak of lines and the same one error as a local run."""
+    from vggspec.errors import ModelError
+    from vggspec.runtime import ray_eval
+    from vggspec.runtime.evaluate import FAILURE_STREAK
+    from vggspec.runtime.protocols import Member, Protocol, Runner
+    from vggspec.runtime.session import Model
+
+    runner = Runner([Member.of(Model(conv_model(tmp_path / "m.onnx"), "cpu"))], [Protocol("dense", (12,))])
+    results = {i: (None, "unreadable", "", True) for i in range(20)}
+    results |= {i: (None, "output 'probs' holds NaN", "", False) for i in range(20, 50)}
+    monkeypatch.setattr(ray_eval, "_run", lambda *a: results)
+    lines: list[str] = []
+    with pytest.raises(ModelError, match=f"failed on {FAILURE_STREAK} images in a row, the last with: output"):
+        ray_eval.evaluate_on_ray(runner, [(Path(f"{i}.png"), 0) for i in range(50)], None,
+                                 on_error=lambda p, m: lines.append(m))
+    assert lines == ["unreadable"] * 20 + ["output 'probs' holds NaN"] * FAILURE_STREAK

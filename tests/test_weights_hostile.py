@@ -117,3 +117,56 @@ def test_eval_where_every_image_fails_reports_no_nan(tmp_path: Path) -> None:
             line = next(x for x in result.output.splitlines() if x.startswith("{"))
             rows = json.loads(line)["rows"]
             assert rows[0]["top1_error"] is None
+
+
+def _images(folder: Path, n: int, bad: int = 0) -> list[Path]:
+    """n readable 10x10 PNGs, then `bad` files named like images that are not."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        Image.fromarray(np.full((10, 10, 3), i, np.uint8)).save(folder / f"{i:03d}.png")
+        paths.append(folder / f"{i:03d}.png")
+    for i in range(bad):
+        (folder / f"bad{i:03d}.png").write_bytes(b"not a png")
+        paths.append(folder / f"bad{i:03d}.png")
+    return paths
+
+
+def test_a_model_failing_on_every_image_stops_after_a_streak_not_one_line_per_image(tmp_path: Path) -> None:
+    from vggspec.runtime.evaluate import FAILURE_STREAK
+
+    model = str(_nan_model(tmp_path))
+    _images(tmp_path / "val" / "cat", 30)
+    result = CliRunner().invoke(main, ["eval", model, "--data", str(tmp_path / "val")])
+    lines = result.output.splitlines()
+    assert result.exit_code == 1, result.output
+    assert sum(": error: output 'probs' holds NaN" in x for x in lines) == FAILURE_STREAK
+    assert f"the model failed on {FAILURE_STREAK} images in a row, the last with: output 'probs' holds NaN" \
+        in result.output and "hint:" in result.output and "Traceback" not in result.output
+    images = [str(p) for p in _images(tmp_path / "many", 20)]
+    result = CliRunner().invoke(main, ["predict", model, *images])
+    assert result.exit_code == 1 and f"failed on {FAILURE_STREAK} images in a row" in result.output
+    assert result.output.count("NaN or infinite") == FAILURE_STREAK + 1  # the lines, then the error
+
+
+def test_unreadable_files_never_stop_a_run_and_a_success_resets_the_streak(tmp_path: Path) -> None:
+    from vggspec.errors import DataError
+    from vggspec.runtime.evaluate import FAILURE_STREAK, FailureStreak
+
+    model = conv_model(tmp_path / "good.onnx")
+    _images(tmp_path / "val" / "cat", 2, bad=3 * FAILURE_STREAK)  # 24 bad files in a row: the data's problem
+    result = CliRunner().invoke(main, ["eval", str(model), "--data", str(tmp_path / "val"), "--json"])
+    assert result.exit_code == 1 and f"{3 * FAILURE_STREAK} of {3 * FAILURE_STREAK + 2} images failed" \
+        in result.output, result.output
+    streak = FailureStreak(limit=3)
+    for _ in range(5):
+        streak.failed(ModelError("x"))
+        streak.failed(ModelError("x"))
+        streak.succeeded()
+    streak.failed(ModelError("x"))
+    streak.failed(DataError("unreadable"))  # neither counts nor resets
+    streak.failed(ModelError("x"))
+    with pytest.raises(ModelError, match="3 images in a row, the last with: out of memory"):
+        streak.failed(MemoryError())

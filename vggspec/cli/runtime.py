@@ -167,23 +167,26 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
     exported for the run (the combined protocol needs both).
 
     An image that cannot be used or fails to run gets one line on stderr naming it and why; the
-    others are still classified, and the exit status is 1 when any failed.
+    others are still classified, and the exit status is 1 when any failed. A model that fails on
+    eight images in a row stops the run with one error.
     """
-    from ..runtime.evaluate import IMAGE_ERRORS, image_error
+    from ..runtime.evaluate import IMAGE_ERRORS, FailureStreak, image_error
     from ..runtime.members import open_runner
 
     with open_runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else [],
                      _export_checkpoint) as runner:
         proto = runner.protocols[0]
         heat_model = _heatmap_model(runner.members, heatmap)
-        failed, used_names = 0, set()
+        failed, used_names, streak = 0, set(), FailureStreak()
         for image in images:
             try:
                 posterior = runner.run(image)[proto]
             except IMAGE_ERRORS as exc:  # this image only: the others are still classified
                 failed += 1
                 _error_line(image, image_error(exc))
+                streak.failed(exc)
                 continue
+            streak.succeeded()
             _print_prediction(image, posterior, top, proto, runner, runner.members, as_json)
             if heat_model is not None:
                 _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore

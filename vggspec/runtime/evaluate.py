@@ -30,6 +30,33 @@ def image_error(exc: BaseException) -> str:
     return getattr(exc, "message", str(exc))
 
 
+# Model failures in a row (no image succeeding in between) that end a batch run.
+FAILURE_STREAK = 8
+
+
+class FailureStreak:
+    """Ends a batch run whose model fails image after image (weights that give NaN on every input, a GPU
+    that went away) with one error, rather than one line per image for the whole data set. Files that
+    cannot be used are the data's problem, not the model's: each is reported, and they neither count nor
+    reset the streak."""
+
+    def __init__(self, limit: int = FAILURE_STREAK) -> None:
+        self.limit, self.streak = limit, 0
+
+    def succeeded(self) -> None:
+        self.streak = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Count one failure; raise ModelError when `limit` model failures have come in a row."""
+        if isinstance(exc, DataError):
+            return
+        self.streak += 1
+        if self.streak >= self.limit:
+            raise ModelError(f"the model failed on {self.streak} images in a row, the last with: {image_error(exc)}",
+                             hint="the run stopped here rather than fail on every image; fix the model or the "
+                                  "device (--device cpu rules out the GPU) and run again") from None
+
+
 def list_dataset(root: str | Path, labels: Sequence[str] = ()) -> tuple[list[tuple[Path, int]], list[str]]:
     """(image paths with class indices, class names). Indices follow `labels` when the folders are named
     after them, otherwise the sorted folder names (the ImageFolder convention training used; ImageNet's
@@ -119,8 +146,9 @@ def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
              on_error: Callable[[str, str], None] | None = None,
              on_step: Callable[[], None] | None = None) -> Report:
     """Run every image; one that cannot be used or fails to run (IMAGE_ERRORS) is reported through `on_error`,
-    counted as failed, and the batch goes on."""
+    counted as failed, and the batch goes on, unless the model has failed FAILURE_STREAK times in a row."""
     report = Report({p: Score() for p in runner.protocols})
+    streak = FailureStreak()
     start = time.perf_counter()
     for path, target in items:
         try:
@@ -130,7 +158,9 @@ def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
             report.fail(str(path), message)
             if on_error:
                 on_error(str(path), message)
+            streak.failed(exc)
         else:
+            streak.succeeded()
             report.add(str(path), target, results)
         if on_step:
             on_step()

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..atomic import scratch_folder
-from ..errors import VggspecError
-from .evaluate import IMAGE_ERRORS, Report, Score, image_error
+from ..errors import DataError, ModelError, VggspecError
+from .evaluate import IMAGE_ERRORS, FailureStreak, Report, Score, image_error
 from .protocols import Member, Protocol, Runner
 from .session import Model, Overrides
 
@@ -98,13 +98,13 @@ class _Evaluator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = len(batch["path"]), len(self.runner.protocols)
         posteriors: list[np.ndarray | None] = []
-        errors, fatal = [""] * n, [""] * n
+        errors, fatal, data_error = [""] * n, [""] * n, [False] * n
         for i, path in enumerate(batch["path"]):
             try:
                 results = self.runner.run(str(path))
                 posteriors.append(np.stack([results[p] for p in self.runner.protocols]))
             except IMAGE_ERRORS as exc:  # one unusable or failing image: reported, the run goes on (as locally)
-                errors[i] = image_error(exc)
+                errors[i], data_error[i] = image_error(exc), isinstance(exc, DataError)
                 posteriors.append(None)
             except VggspecError as exc:  # stops a local run too: carried to the driver, raised there
                 fatal[i] = json.dumps([exc.message, exc.path, exc.hint])
@@ -115,7 +115,7 @@ class _Evaluator:
             if p is not None:
                 out[i] = p
         return {"index": batch["index"], "posteriors": out, "error": np.array(errors, dtype=object),
-                "fatal": np.array(fatal, dtype=object)}
+                "fatal": np.array(fatal, dtype=object), "data_error": np.array(data_error)}
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> Any:
@@ -157,8 +157,9 @@ def evaluate_on_ray(runner: Runner, items: Sequence[tuple[Path, int]], address: 
             raise VggspecError(f"Ray evaluation failed ({type(exc).__name__}: {str(exc).strip()[:300]})",
                                hint=f"Ray's output is in {log}") from None
     report = Report({p: Score() for p in runner.protocols})
+    streak = FailureStreak()
     for i, (path, target) in enumerate(items):  # the local order: same predictions list, same first failure
-        post, err, fatal = results[i]
+        post, err, fatal, data_error = results[i]
         if fatal:
             message, where, hint = json.loads(fatal)
             raise VggspecError(f"on a Ray worker: {message}", where, hint)
@@ -166,7 +167,9 @@ def evaluate_on_ray(runner: Runner, items: Sequence[tuple[Path, int]], address: 
             report.fail(str(path), err)
             if on_error:
                 on_error(str(path), err)
+            streak.failed(DataError(err) if data_error else ModelError(err))
             continue
+        streak.succeeded()
         classes = runner.lead.info.classes or post.shape[1]
         report.add(str(path), target, {p: post[k][:classes] for k, p in enumerate(runner.protocols)})
     report.seconds = time.perf_counter() - start
@@ -175,7 +178,7 @@ def evaluate_on_ray(runner: Runner, items: Sequence[tuple[Path, int]], address: 
 
 def _run(runner: Runner, items: Sequence[tuple[Path, int]], address: str | None, device: str,
          threads: int | None, overrides: Overrides | None, num_cpus: int | None,
-         batch: int) -> dict[int, tuple[np.ndarray, str, str]]:
+         batch: int) -> dict[int, tuple[np.ndarray, str, str, bool]]:
     ray = connect(address, num_cpus)
     count, resources = actors(ray, device)
     spec = runner_spec(runner, device, threads if threads else 1, overrides)
@@ -185,8 +188,9 @@ def _run(runner: Runner, items: Sequence[tuple[Path, int]], address: str | None,
         compute=ray.data.ActorPoolStrategy(size=count), **resources)
     results = {}
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, post, err, fatal in zip(out["index"], out["posteriors"], out["error"], out["fatal"], strict=True):
-            results[int(i)] = (post, err, fatal)
+        for i, post, err, fatal, data_error in zip(out["index"], out["posteriors"], out["error"], out["fatal"],
+                                                   out["data_error"], strict=True):
+            results[int(i)] = (post, err, fatal, bool(data_error))
     return results
 
 
