@@ -127,6 +127,18 @@ def test_two_are_kept_and_a_newer_leftover_is_dropped(tmp_path: Path) -> None:
     assert latest_state(tmp_path)[1]["w"].tolist() == [10.0, 10.0]
 
 
+def test_a_fallback_damaged_since_it_was_written_is_replaced_by_an_older_good_one(tmp_path: Path) -> None:
+    for step in (4, 8):
+        save_state(tmp_path, {"progress": {"global_step": step}, "w": torch.full((2,), float(step))})
+    _flip(tmp_path / "state" / "00000008" / "tensors.safetensors")  # the disk, after its save
+    damaged = "00000008: tensors.safetensors does not match its sha256 .*removed, the fallback is now .*00000004"
+    with pytest.warns(UserWarning, match=damaged):
+        save_state(tmp_path, {"progress": {"global_step": 12}, "w": torch.full((2,), 12.0)})
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["00000004", "00000012"]
+    shutil.rmtree(tmp_path / "state" / "00000012")  # the latest lost too: the kept fallback still resumes
+    assert latest_state(tmp_path)[1]["w"].tolist() == [4.0, 4.0]
+
+
 def test_flipped_bytes_in_the_latest_fall_back_to_the_previous(whole: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     run = _copy(whole, tmp_path)

@@ -179,12 +179,28 @@ def save_state(rundir: Path, payload: dict[str, Any]) -> Path:
 
 
 def _prune(rundir: Path, latest: Path) -> None:
-    """Delete all but `latest` and the one before it; newer folders are an abandoned timeline."""
+    """Delete all but `latest` and the newest older checkpoint that still verifies, the fallback should
+    `latest` be damaged later; newer folders are an abandoned timeline. The fallback is verified again here
+    because it was written long ago: a disk that damaged it would otherwise go unnoticed until the resume
+    that needs it."""
     folders = _checkpoints(rundir)
     older = [p for p in folders if int(p.name) < int(latest.name)]
     newer = [p for p in folders if int(p.name) > int(latest.name)]
-    for p in older[:len(older) - (KEEP - 1)] + newer:
-        shutil.rmtree(p, ignore_errors=True)
+    keep, damaged = [], []
+    for folder in reversed(older):
+        if len(keep) == KEEP - 1:
+            break
+        try:
+            _verify(folder)
+            keep.append(folder)
+        except StateCorrupt as exc:
+            damaged.append(f"{folder}: {exc}")
+    for p in older + newer:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    fallback = f"the fallback is now {keep[0]}" if keep else f"no fallback remains behind {latest}"
+    for line in damaged:
+        warnings.warn(f"{line}; removed, {fallback}", stacklevel=3)
 
 
 # --- reading ----------------------------------------------------------------------------------
