@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,18 +145,26 @@ def _two_nodes(args: list[str], cwd: Path, code: str | None = None) -> list[subp
     port = _free_port()
     program = ["--no-python", sys.executable, "-c", code] if code else ["-m", "vggspec"]
     env = {**_env(), "KILL_RANK": "1", "KILL_AT": "11"}
+    # Node 0 serves the rendezvous store, as the node the endpoint names does on real machines; left to
+    # torchrun, both agents here match 127.0.0.1 and whichever binds first serves it.
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT then prints every thread's stack: a hung agent says where
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-         "--rdzv-id", f"vggspec-{port}", *program, *args],
+         "--rdzv-conf", f"is_host={int(node == 0)}", "--rdzv-id", f"vggspec-{port}", *program, *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     results = []
-    for p in procs:
+    for node, p in enumerate(procs):
         try:
             out, err = p.communicate(timeout=240)
         except subprocess.TimeoutExpired:  # a survivor stuck in a collective with a dead peer
-            p.kill()
-            out, err = p.communicate()
+            p.send_signal(signal.SIGABRT)
+            try:
+                out, err = p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            err = f"node {node}'s agent hung and was stopped; its stacks:\n{err}"
         results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return results
 
@@ -169,8 +178,7 @@ def two_node_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "args").write_text(json.dumps([str(spec), str(data)]))
     _train(_train_args(spec, data, root / "one"), root)
     nodes = _two_nodes(_train_args(spec, data, root / "nodes")[2:], root)
-    for r in nodes:
-        assert r.returncode == 0, r.stderr[-6000:]
+    assert [r.returncode for r in nodes] == [0, 0], "\n".join(r.stderr[-6000:] for r in nodes)
     return root
 
 
