@@ -5,10 +5,12 @@
 Phases (each writes DIR/<phase>.json as soon as it ends, so a later failure loses nothing):
     env          the card, driver, CUDA, cuDNN, torch and onnxruntime versions, measured matmul rates
     train        `vggspec train` on CUDA: fp32, bf16 autocast, + channels_last, + --compile (images/s, losses)
+    compile_gap  eager against --compile (bf16, channels_last) on two more seeds, and without dropout
     torchrun     `torchrun --nproc-per-node 1` over nccl: runs, and writes the layout a plain run writes
     torch        D inference in torch eager (fp32, tf32, fp16) and torch.compile (fp16), batch 1/8/64
     ort          onnxruntime's CUDA provider: node placement, parity with the CPU provider, dense
-                 evaluation at Q = 256/384/512 with flip, throughput fp32/tf32/fp16/int8 with IO binding
+                 evaluation at Q = 256/384/512 with flip, throughput fp32/tf32/fp16/int8 with IO binding,
+                 and the levers the first lease left untried (see _throughput_variants)
 
 --dry-run runs every phase on the CPU at toy sizes to check the script itself; its figures are not
 GPU figures and `benchmarks/gpu.py` refuses to report them.
@@ -202,11 +204,12 @@ TRAIN_MODES = {
 }
 
 
-def _train_cmd(plan: Plan, data: Path, run: Path, flags: tuple[str, ...], epochs: int) -> list[str]:
-    sets = [a for s in plan.train_sets for a in ("--set", s)]
+def _train_cmd(plan: Plan, data: Path, run: Path, flags: tuple[str, ...], epochs: int, seed: int = 0,
+               sets: tuple[str, ...] = ()) -> list[str]:
+    sets = tuple(a for s in (*plan.train_sets, *sets) for a in ("--set", s))
     return ["-m", "vggspec", "train", plan.spec, *sets, "--data", str(data), "-o", str(run),
             "--device", plan.device, "--batch-size", str(plan.train_batch), "--epochs", str(epochs),
-            "--workers", str(plan.workers), "--lr", "0.01", "--no-progress", "--seed", "0", *flags]
+            "--workers", str(plan.workers), "--lr", "0.01", "--no-progress", "--seed", str(seed), *flags]
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
@@ -214,24 +217,47 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _train_run(plan: Plan, data: Path, name: str, flags: tuple[str, ...], seed: int = 0,
+               sets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One `vggspec train` on the device: its epochs' metrics and speed (metrics also copied to --out)."""
+    run = plan.work / f"train_{name}"
+    shutil.rmtree(run, ignore_errors=True)
+    _log(f"train {name}")
+    t = time.perf_counter()
+    code, text = _sh([sys.executable, *_train_cmd(plan, data, run, flags, plan.train_epochs, seed, sets)],
+                     timeout=400)
+    rows = _metrics(run)
+    if plan.device == "cuda" and rows:
+        shutil.copy(run / "metrics.jsonl", plan.out / f"metrics_{name}.jsonl")
+    return {"flags": " ".join(flags), "seed": seed, "sets": list(sets), "rc": code,
+            "wall_s": time.perf_counter() - t, "epochs": rows, "tail": text[-1500:] if code else "",
+            # the first epoch holds cuDNN's autotuning and torch.compile's compilation
+            "images_per_s_after_first_epoch": float(np.median([x["images_per_s"] for x in rows[1:]]))
+            if len(rows) > 1 else None}
+
+
 def phase_train(plan: Plan) -> dict[str, Any]:
     data = _digits(plan)
     r: dict[str, Any] = {"spec": plan.spec, "sets": plan.train_sets, "batch": plan.train_batch,
                          "epochs": plan.train_epochs, "data": f"digits at {plan.digit_size} px", "modes": {}}
     for mode, flags in TRAIN_MODES.items():
-        run = plan.work / f"train_{mode}"
-        shutil.rmtree(run, ignore_errors=True)
-        _log(f"train {mode}")
-        t = time.perf_counter()
-        code, text = _sh([sys.executable, *_train_cmd(plan, data, run, flags, plan.train_epochs)], timeout=400)
-        rows = _metrics(run)
-        r["modes"][mode] = {"flags": " ".join(flags), "rc": code, "wall_s": time.perf_counter() - t,
-                            "epochs": rows, "tail": text[-1500:] if code else "",
-                            # the first epoch holds cuDNN's autotuning and torch.compile's compilation
-                            "images_per_s_after_first_epoch": float(np.median([x["images_per_s"] for x in rows[1:]]))
-                            if len(rows) > 1 else None}
-        if plan.device == "cuda" and rows:
-            shutil.copy(run / "metrics.jsonl", plan.out / f"metrics_{mode}.jsonl")
+        r["modes"][mode] = _train_run(plan, data, mode, flags)
+    return r
+
+
+def phase_compile_gap(plan: Plan) -> dict[str, Any]:
+    """The first lease's compiled run trailed eager by up to 0.74 in loss, on one seed. Is it compile, or
+    dropout drawing other masks from another random stream? bf16 + channels_last, eager against compiled,
+    on two new seeds with the spec's dropout and on one seed with none."""
+    data = _digits(plan)
+    base = TRAIN_MODES["bf16_channels_last"]
+    r: dict[str, Any] = {"spec": plan.spec, "sets": plan.train_sets, "batch": plan.train_batch,
+                         "epochs": plan.train_epochs, "runs": {}}
+    for seed, sets in ((1, ()), (2, ()), (1, ("dropout=0",))):
+        for compiled in (False, True):
+            name = f"{'compile' if compiled else 'eager'}_seed{seed}" + ("_nodropout" if sets else "")
+            flags = (*base, "--compile") if compiled else base
+            r["runs"][name] = _train_run(plan, data, name, flags, seed, sets)
     return r
 
 
@@ -331,7 +357,8 @@ def _export(plan: Plan) -> dict[str, Path]:
     return paths
 
 
-def _session(path: Path, provider: str, profile: str | None = None, **extra: str) -> Any:
+def _session(path: Path, provider: str, profile: str | None = None, disabled: tuple[str, ...] = (),
+             **extra: str) -> Any:
     import onnxruntime as ort
 
     from vggspec.runtime.session import session_options
@@ -340,11 +367,12 @@ def _session(path: Path, provider: str, profile: str | None = None, **extra: str
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
+    kw: dict[str, Any] = {"disabled_optimizers": list(disabled)} if disabled else {}
     if provider == CPU:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU], **kw)
     # onnxruntime's defaults otherwise: TF32 on (use_tf32=1), NCHW; `extra` overrides.
     cuda_opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", **extra}
-    return ort.InferenceSession(str(path), sess_options=opts, providers=[(provider, cuda_opts), CPU])
+    return ort.InferenceSession(str(path), sess_options=opts, providers=[(provider, cuda_opts), CPU], **kw)
 
 
 def _placement(path: Path, provider: str, x: np.ndarray, work: Path) -> dict[str, Any]:
@@ -499,6 +527,23 @@ def _cli(paths: dict[str, Path], plan: Plan) -> dict[str, Any]:
     return r
 
 
+def _throughput_variants(paths: dict[str, Path]) -> list[tuple[str, Path, dict[str, str], tuple[str, ...]]]:
+    """(name, model, CUDA provider options, graph optimizers disabled) of each throughput row.
+
+    The last three are the levers left untried by the first lease, on the fastest setting it found
+    (fp16 NHWC, 0.89x torch eager): cuDNN refused its fused conv+bias+ReLU plans for fp16 ("No execution
+    plans support the graph", once per layer), so onnxruntime's ConvActivationFusion may cost more than
+    it saves there; CUDA graphs remove the per-kernel launch cost (IO binding keeps the addresses fixed,
+    as they require); and the heuristic algorithm search is what a user gets without EXHAUSTIVE."""
+    nhwc = {"prefer_nhwc": "1"}
+    return [("strict_fp32", paths["fp32"], {"use_tf32": "0"}, ()), ("tf32", paths["fp32"], {}, ()),
+            ("tf32_nhwc", paths["fp32"], nhwc, ()), ("fp16", paths["fp16"], {}, ()),
+            ("fp16_nhwc", paths["fp16"], nhwc, ()),
+            ("fp16_nhwc_unfused", paths["fp16"], nhwc, ("ConvActivationFusion",)),
+            ("fp16_nhwc_cuda_graph", paths["fp16"], {**nhwc, "enable_cuda_graph": "1"}, ()),
+            ("fp16_nhwc_heuristic", paths["fp16"], {**nhwc, "cudnn_conv_algo_search": "HEURISTIC"}, ())]
+
+
 def phase_ort(plan: Plan) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -528,14 +573,17 @@ def phase_ort(plan: Plan) -> dict[str, Any]:
     r["throughput"] = {}
     # use_tf32=0 only for strict fp32: with it, cuDNN's fp16 convolutions also lose their fast kernels
     # (measured on the H200: fp16 at batch 64 went from 5,885 to 3,431 images/s).
-    for name, path, extra in (("strict_fp32", paths["fp32"], {"use_tf32": "0"}), ("tf32", paths["fp32"], {}),
-                              ("tf32_nhwc", paths["fp32"], {"prefer_nhwc": "1"}), ("fp16", paths["fp16"], {}),
-                              ("fp16_nhwc", paths["fp16"], {"prefer_nhwc": "1"})):
+    for name, path, extra, disabled in _throughput_variants(paths):
         try:
-            sess = _session(path, provider, **({} if plan.dry else extra))
+            def new_session() -> Any:
+                return _session(path, provider, disabled=disabled, **({} if plan.dry else extra))  # noqa: B023
+
+            sess = new_session()
             dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
             r["throughput"][name] = {}
             for batch in plan.batches:
+                if "enable_cuda_graph" in extra and batch != plan.batches[0]:
+                    sess = new_session()  # a captured graph is for one input shape
                 xb = np.random.default_rng(batch).standard_normal((batch, 3, *size)).astype(dtype)
                 r["throughput"][name][f"b{batch}"] = _rate(batch, _ort_rate(sess, xb, plan, device))
         except Exception as exc:  # one variant's failure is a finding, not the end of the phase
@@ -551,6 +599,7 @@ def phase_ort(plan: Plan) -> dict[str, Any]:
 
 PHASES: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "env": phase_env, "train": phase_train, "torchrun": phase_torchrun, "torch": phase_torch, "ort": phase_ort,
+    "compile_gap": phase_compile_gap,
 }
 
 
