@@ -46,6 +46,7 @@ class Section:
     error: str = ""
     contention: str = ""
     others_share: float = 0.0  # fraction of the machine's CPU other processes used during the section
+    measured: str = ""  # when the figures were measured, for a section that renders figures from elsewhere
 
     def add(self, *args: object, **kwargs: object) -> Row:
         row = Row(*args, **kwargs)  # type: ignore[arg-type]
@@ -107,9 +108,12 @@ def _summary(sections: list[Section]) -> list[str]:
 
 
 def _section_md(s: Section, date: str = "") -> list[str]:
-    when = f"measured {date}; " if date else ""
-    lines = [f"## {s.title}", "", f"Reproduce: `{s.command}` ({when}{s.seconds:.0f} s"
-             + (f"; {s.contention})" if s.contention else ")"), ""]
+    if s.measured:  # the rendering's date and seconds say nothing about those figures
+        head = f"Reproduce: `{s.command}` (measured {s.measured}; {s.contention})"
+    else:
+        when = f"measured {date}; " if date else ""
+        head = f"Reproduce: `{s.command}` ({when}{s.seconds:.0f} s" + (f"; {s.contention})" if s.contention else ")")
+    lines = [f"## {s.title}", "", head, ""]
     if s.others_share > 0.1:
         lines += [f"**Measured on a contended machine** (other processes used {s.others_share:.0%} of the "
                   "CPU): treat the absolute figures as pessimistic and the ratios as approximate.", ""]
