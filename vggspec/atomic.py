@@ -7,21 +7,37 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import VggspecError
 
 
-def check_output_path(path: str | Path) -> Path:
-    """The output path, or a VggspecError when its folder is missing or it names a folder."""
+def check_output_path(path: str | Path, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
+    """The output path, or a VggspecError when its folder is missing, it names a folder, or it is one of
+    the command's `inputs` ((option, path) pairs): writing it would destroy that input."""
     path = Path(path)
     if path.is_dir():
         raise VggspecError("is a folder; give a file name", str(path))
     if not path.parent.is_dir():
         raise VggspecError(f"folder {path.parent} does not exist", str(path), "create it first")
+    for option, source in inputs:
+        if source is not None and same_file(path, source):
+            raise VggspecError(f"is also this command's input ({option}); writing it would destroy that input",
+                               str(path), "choose another output name")
     return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: the same inode (links, other spellings) or the same resolved path."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:  # a link loop, a permission: not provably the same
+        return False
 
 
 # Temporaries are named after the target, this host and this process: `.d.onnx.vggspec-tmp-HOST-PID-xyz`.
