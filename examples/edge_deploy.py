@@ -44,10 +44,11 @@ def with_onnxruntime_only(model_path: str, image_path: str, q: int | None = None
     meta = session.get_modelmeta().custom_metadata_map
     prep, (h, w) = json.loads(meta["vggspec.preprocessing"]), json.loads(meta["vggspec.input_size"])
     labels = json.loads(meta.get("vggspec.labels", "[]"))
-    img = ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")
+    gray = session.get_inputs()[0].shape[1] == 1  # NCHW: a one-channel network reads grayscale
+    img = ImageOps.exif_transpose(Image.open(image_path)).convert("L" if gray else "RGB")
     q = q or min(h, w)  # the test scale: smallest side after an isotropic rescale
     img = img.resize((round(img.width * q / min(img.size)), round(img.height * q / min(img.size))), Image.BILINEAR)
-    x = np.asarray(img, np.float32)
+    x = np.asarray(img, np.float32).reshape(img.height, img.width, -1)  # H x W x C, also for grayscale
     if prep["channel_order"] == "BGR":
         x = x[..., ::-1]  # mean and std are listed in the model's channel order
     x = (x * prep["scale"] - np.float32(prep["mean"])) / np.float32(prep["std"])
@@ -60,6 +61,9 @@ def with_onnxruntime_only(model_path: str, image_path: str, q: int | None = None
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        print("usage: python examples/edge_deploy.py MODEL.onnx IMAGE [Q]", file=sys.stderr)
+        sys.exit(2)
     model, image = sys.argv[1], sys.argv[2]
     scale = int(sys.argv[3]) if len(sys.argv) > 3 else None
     for name, fn in (("vggspec.runtime", with_vggspec_runtime), ("onnxruntime only", with_onnxruntime_only)):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vggspec"
 
 # Rooms from the bottom up; a room may import its own modules and any room below it.
 ROOMS = [
-    ("leaf", ["version", "errors", "atomic", "preprocessing", "resources", "labels", "spec"]),
+    ("leaf", ["version", "errors", "files", "atomic", "preprocessing", "resources", "labels", "spec"]),
     ("graph", ["graph", "summary", "draw"]),
     ("contract", ["contract", "imaging"]),
     ("weights", ["weights"]),

@@ -61,7 +61,7 @@ def _sweep(folder: Path, head: str) -> list[Path]:
     removed = []
     for entry in folder.glob(glob.escape(head) + "*"):
         pid = entry.name[len(head):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

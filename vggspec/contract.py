@@ -223,10 +223,8 @@ class _Reader:
             prep = Preprocessing.from_dict(value)
         except (KeyError, TypeError, ValueError) as exc:
             self.fail("preprocessing", f"lacks or mangles a field ({type(exc).__name__}: {exc})")
-        if prep.problem():
-            self.fail("preprocessing", prep.problem())
-        if len(prep.mean) != channels or len(prep.std) != channels:
-            self.fail("preprocessing", f"needs {channels} mean and std values, one per input channel")
+        if prep.problem(channels):
+            self.fail("preprocessing", prep.problem(channels))
         return prep
 
 

@@ -188,7 +188,9 @@ def _draw(graph: LayerGraph, path: Path, fmt: str) -> None:
                 start, end, arrowstyle="-|>", mutation_scale=9, color="#666666", lw=0.8, shrinkA=1, shrinkB=1
             )
         )
-    # Text stays text in SVG and PDF (searchable, selectable), not paths or Type 3 glyphs.
-    with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", pad_inches=0.15)
+    # Text stays text in SVG and PDF (searchable, selectable), not paths or Type 3 glyphs. No date and a
+    # fixed id salt: the same spec draws the same bytes.
+    with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "vggspec"}):
+        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", pad_inches=0.15,
+                    metadata={"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt))
     plt.close(fig)

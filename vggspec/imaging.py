@@ -10,9 +10,6 @@ embedded preprocessing takes); `normalise` turns them into the network's float i
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -22,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import files
 from .errors import DataError
 from .preprocessing import Preprocessing
 
@@ -90,30 +88,10 @@ def file_problem(path: str | Path) -> str | None:
 
     Checked before opening: a named pipe called x.jpg would block Image.open for ever.
     """
-    path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as exc:
-        return _stat_problem(path, exc)
-    if stat.S_ISDIR(info.st_mode):
-        return "is a folder, not an image"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file (a device, pipe or socket)"
-    if info.st_size == 0:
+    problem = files.file_problem(path, "an image")
+    if problem is None and Path(path).stat().st_size == 0:
         return "empty file (0 bytes)"
-    if not os.access(path, os.R_OK):
-        return "not readable (permission denied)"
-    return None
-
-
-def _stat_problem(path: Path, exc: OSError) -> str:
-    if path.is_symlink():
-        if exc.errno == errno.ELOOP:
-            return "symbolic link loop"
-        return f"dangling symbolic link (to {os.readlink(path)})"
-    if exc.errno == errno.ENOENT:
-        return "no such file"
-    return f"cannot read ({exc.strerror or exc})"
+    return problem
 
 
 def _looks_like_image(path: Path) -> bool:

@@ -28,13 +28,16 @@ class Preprocessing:
             "channel_order": self.channel_order, "layout": self.layout,
         }
 
-    def problem(self) -> str | None:
-        """What makes this preprocessing unusable (NaN inputs, a division by zero), or None."""
+    def problem(self, channels: int | None = None) -> str | None:
+        """What makes this preprocessing unusable (NaN inputs, a division by zero), or for a network of
+        `channels` input channels (one mean and std value each), or None."""
         numbers = (self.scale, *self.mean, *self.std)
         if not all(math.isfinite(v) for v in numbers) or self.scale <= 0 or min(self.std, default=0) <= 0:
             return "needs a finite positive scale and std, and a finite mean"
         if self.channel_order not in ("RGB", "BGR") or self.layout not in ("NCHW", "NHWC"):
             return "needs channel_order RGB or BGR and layout NCHW or NHWC"
+        if channels is not None and (len(self.mean) != channels or len(self.std) != channels):
+            return f"needs {channels} mean and std values, one per input channel"
         return None
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import SpecNotFoundError
+from .files import file_problem
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -30,21 +31,19 @@ NOT_SPECS = {".safetensors": "weights file", ".onnx": "model file", ".pt": "PyTo
 def resolve_spec(name_or_path: str | Path) -> Path:
     """A path that exists, or else the shipped spec of that name (`D`, `d`, `D.vgg`)."""
     path = Path(name_or_path)
-    if path.is_file() and path.suffix.lower() in NOT_SPECS:
-        raise SpecNotFoundError(f"is a {NOT_SPECS[path.suffix.lower()]}, not a spec", str(path),
-                                "a spec is a .vgg text file or a shipped name (A to E); give weights with "
-                                "--weights FILE (a vggspec checkpoint holds its spec: `vggspec export --weights FILE "
-                                "-o OUT.onnx`)")
-    if path.is_file():
+    problem = file_problem(path, "a spec file")
+    if problem is None:
+        if path.suffix.lower() in NOT_SPECS:
+            raise SpecNotFoundError(f"is a {NOT_SPECS[path.suffix.lower()]}, not a spec", str(path),
+                                    "a spec is a .vgg text file or a shipped name (A to E); give weights with "
+                                    "--weights FILE (a vggspec checkpoint holds its spec: `vggspec export "
+                                    "--weights FILE -o OUT.onnx`)")
         return path
-    if path.is_dir():
-        raise SpecNotFoundError("is a folder, not a spec file", str(path))
     shipped = {k.lower(): v for k, v in shipped_specs().items()}
     key = path.name.lower().removesuffix(".vgg")
-    if len(path.parts) == 1 and key in shipped:
-        return shipped[key]
-    raise SpecNotFoundError(
-        "no such spec file",
-        str(path),
-        f"shipped specs are {', '.join(shipped_specs())}",
-    )
+    if len(path.parts) == 1 and key in shipped and (problem == "no such file" or path.is_dir()):
+        return shipped[key]  # a folder named A cannot be a spec: A is the shipped one
+    if problem != "no such file":
+        raise SpecNotFoundError(problem, str(path))
+    raise SpecNotFoundError("no such spec file", str(path),
+                            f"shipped specs are {', '.join(shipped_specs())}")

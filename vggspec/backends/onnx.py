@@ -134,6 +134,10 @@ def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights:
     _check_static(graph, o.static_shape)
     opts = _Options(graph.meta.fully_conv, o.flip, o.scores, o.embed_preprocessing, o.precision, o.opset,
                     o.preprocessing or graph.meta.preprocessing, o.static_shape)
+    if opts.preprocessing.problem(graph.meta.input_shape[0]):  # a model no client could feed
+        raise VggspecError(f"the preprocessing {opts.preprocessing.problem(graph.meta.input_shape[0])} "
+                           f"(it has mean {list(opts.preprocessing.mean)}, std {list(opts.preprocessing.std)})",
+                           hint="give the checkpoint the preprocessing of the network's input")
     if o.precision != "int8":
         return _export_float(graph, weights, opts, labels, output)
     model = _quantized(graph, weights, opts, labels, o.calibration)
@@ -172,7 +176,8 @@ def _quantized(graph: LayerGraph, weights: dict[str, np.ndarray], opts: _Options
 
     model = build_model(graph, fold_batch_norm(graph, weights), opts, labels)
     c, h, w = graph.meta.input_shape
-    model = quantize(model, calibration, Feed(c, (h, w), opts.preprocessing, opts.embed))
+    n, h, w = opts.static or (1, h, w)  # a static model is calibrated at the one shape it takes
+    model = quantize(model, calibration, Feed(c, (h, w), opts.preprocessing, opts.embed, n))
     _set_metadata(model, graph, opts, labels)  # quantize_static rewrites the model's header
     return model
 

@@ -33,6 +33,7 @@ class Feed:
     size: tuple[int, int]
     preprocessing: Preprocessing
     embedded: bool = False
+    batch: int = 1  # a model with a static batch dimension takes exactly this many images per run
 
 
 def calibration_images(folder: str | Path | None) -> list[Path]:
@@ -53,10 +54,13 @@ def calibration_images(folder: str | Path | None) -> list[Path]:
 
 
 def calibration_inputs(feed: Feed, images: list[Path]) -> Iterator[np.ndarray]:
-    """Each calibration image as the model's input: decoded, rescaled to the crop side and centre-cropped
-    by vggspec.imaging, exactly as training evaluates and the runtime predicts."""
-    for path in images:
-        pixels = center_crop(load_pixels(path, feed.channels, min(feed.size)), feed.size)[None]
+    """The calibration images as the model's input batches: each decoded, rescaled to the input's smaller
+    side and centre-cropped by vggspec.imaging, exactly as training evaluates and the runtime predicts;
+    `feed.batch` to a batch, the last one filled up with its last image."""
+    for start in range(0, len(images), feed.batch):
+        chunk = images[start:start + feed.batch]
+        chunk += chunk[-1:] * (feed.batch - len(chunk))
+        pixels = np.stack([center_crop(load_pixels(p, feed.channels, min(feed.size)), feed.size) for p in chunk])
         yield model_input(pixels, feed.preprocessing, feed.embedded)
 
 

@@ -80,6 +80,15 @@ def set_option(f: F) -> F:
     )(f)
 
 
+def check_output(output: str | None, *inputs: tuple[str, str | None]) -> None:
+    """Before any work: refuse an output that is one of the command's inputs ((option, path) pairs),
+    which writing it would destroy."""
+    if output is not None:
+        from ..atomic import check_output_path
+
+        check_output_path(output, inputs)
+
+
 def load_graph(spec: str, sets: tuple[str, ...] = ()) -> LayerGraph:
     from ..graph.load import load_spec
 
@@ -99,7 +108,16 @@ def parse_hw(value: str | None) -> tuple[int, int] | None:
         hw = (hw[0], hw[0])
     if len(hw) != 2 or min(hw) < 1:
         raise click.BadParameter(f"'{value}' is not HxW with positive sizes")
+    check_side(hw, value)
     return hw  # type: ignore[return-value]
+
+
+def check_side(sides: tuple[int, ...], value: str) -> None:
+    """The spec's limit on an input side holds for sizes given on the command line too."""
+    from ..spec.header import MAX_SIDE
+
+    if max(sides) > MAX_SIDE:
+        raise click.BadParameter(f"'{value}' is larger than {MAX_SIDE} on a side")
 
 
 def examples(*lines: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import examples, load_graph, set_option, spec_argument
+from .common import check_output, examples, load_graph, set_option, spec_argument
 
 SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without importing numpy here
 
@@ -30,6 +30,7 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
     The PyTorch module imports only torch and the standard library: a training class named from the
     spec (vgg_d -> VggD, returning logits) and its dense-evaluation twin (VggD.dense() -> VggDDense).
     """
+    check_output(output, ("SPEC", spec))
     graph = load_graph(spec, sets)
     if target == "onnx":
         if output is None:
@@ -69,6 +70,7 @@ def init(spec: str, scheme: str | None, init_from: str | None, seed: int, output
     """Write an initialised checkpoint of SPEC (section 3.1 of the paper)."""
     from ..weights import Checkpoint, init_weights, save_checkpoint
 
+    check_output(output, ("SPEC", spec), ("--init-from", init_from))
     graph = load_graph(spec, sets)
     scheme = scheme or graph.meta.init
     source = f"init:{scheme}:seed={seed}"
@@ -109,6 +111,7 @@ def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[s
     """Import FILE into a vggspec checkpoint, with the source's preprocessing in its metadata."""
     from ..weights import Checkpoint, save_checkpoint
 
+    check_output(output, ("FILE", file), ("--spec", spec))
     if source == "torchvision":
         from ..weights import torchvision as tv
 
@@ -122,6 +125,11 @@ def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[s
         graph = load_graph(spec, sets)
         tensors = caffe.from_caffe(graph, caffe.load_blobs(file), file)
         preprocessing = caffe.PREPROCESSING
+    if preprocessing.problem(graph.meta.input_shape[0]):  # ImageNet's RGB statistics, a network of other channels
+        preprocessing = graph.meta.preprocessing
+        click.echo(f"note: {source}'s preprocessing is for RGB images; the checkpoint takes the spec's "
+                   f"(mean {list(preprocessing.mean)}, std {list(preprocessing.std)}) for its "
+                   f"{graph.meta.input_shape[0]}-channel input", err=True)
     ckpt = Checkpoint(tensors, spec=graph.meta.spec_text, preprocessing=preprocessing, labels=graph.meta.labels,
                       source=f"{source}:{Path(file).name}", overrides=tuple(sets))
     save_checkpoint(output, ckpt)
@@ -148,6 +156,7 @@ def export_weights(target: str, checkpoint: str, output: str) -> None:
     """Export a vggspec checkpoint (its spec read from its metadata) to another layout."""
     from ..weights import checkpoint_graph, load_checkpoint
 
+    check_output(output, ("CKPT", checkpoint))
     ckpt = load_checkpoint(checkpoint)
     graph = checkpoint_graph(ckpt, checkpoint)
     if target == "torchvision":

@@ -6,10 +6,15 @@ Neither torch nor onnxruntime is imported here at import time (onnxruntime only 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .common import examples, load_graph, set_option
+from ..errors import VggspecError
+from .common import check_output, check_side, examples, load_graph, set_option
+
+if TYPE_CHECKING:
+    from ..preprocessing import Preprocessing
 
 
 def _size(path: Path) -> str:
@@ -54,6 +59,7 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
     """
     from ..backends.onnx import DEFAULT_OPSET, ExportOptions, export_onnx
 
+    check_output(output, ("SPEC", spec), ("--weights", weights))
     graph, tensors, metadata = _graph_and_weights(spec, weights, sets)
     opset = DEFAULT_OPSET if opset is None else opset
     options = ExportOptions(fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
@@ -72,8 +78,9 @@ def _static(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
     parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
         raise click.BadParameter(f"'{text}' is not NxHxW in positive integers, e.g. 1x384x512")
+    check_side(tuple(int(p) for p in parts[1:]), text)
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
@@ -90,8 +97,20 @@ def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, .
         graph = load_graph(spec, sets)
     else:
         graph = checkpoint_graph(ckpt, weights, sets)
+    _refuse_preprocessing_sets(sets, graph.meta.preprocessing, ckpt.preprocessing, weights)
     check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
     return graph, ckpt.tensors, {"labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
+
+
+def _refuse_preprocessing_sets(sets: tuple[str, ...], asked: Preprocessing, trained: Preprocessing | None,
+                               weights: str) -> None:
+    """--set scale/mean/std cannot change what a checkpoint's weights were trained on: the model carries
+    the checkpoint's preprocessing, so such a --set that differs from it would be ignored in silence."""
+    keys = sorted({s.split("=", 1)[0].strip() for s in sets} & {"scale", "mean", "std"})
+    if keys and trained is not None and asked != trained:
+        raise VggspecError(f"--set {', '.join(keys)}: the model takes the checkpoint's own preprocessing "
+                           f"({trained.to_dict()}), which its weights were trained with", weights,
+                           "leave those --set options out; to change the preprocessing, train with it")
 
 
 def register(main: click.Group) -> None:

@@ -7,7 +7,7 @@ import shutil
 
 import click
 
-from .common import examples, load_graph, parse_hw, set_option, spec_argument
+from .common import check_output, examples, load_graph, parse_hw, set_option, spec_argument
 
 
 @click.command(epilog=examples(
@@ -54,6 +54,7 @@ def graph(spec: str, output: str, fully_conv: bool, sets: tuple[str, ...]) -> No
     from ..draw import write_picture
     from ..graph import fully_conv as to_dense
 
+    check_output(output, ("SPEC", spec))
     g = load_graph(spec, sets)
     if fully_conv:
         g = to_dense(g)

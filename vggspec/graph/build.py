@@ -125,6 +125,11 @@ def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
                     layers.append(Layer(f"bn{suffix}", "bn", {**base, "eps": 1e-5, "momentum": 0.1}, namer.stage, loc))
                 layers.append(Layer(f"relu{suffix}", "relu", dict(base), namer.stage, loc))
             elif token.kind == "lrn":
+                if any(layer.name == f"norm{namer.stage}" for layer in layers):
+                    sink.error(token.span, f"a second LRN in stage {namer.stage}",
+                               f"a stage has at most one LRN, named norm{namer.stage} as in the Caffe release; "
+                               "the paper's A-LRN has one, after conv1_1")
+                    break
                 attrs = {**base, "size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}
                 layers.append(Layer(f"norm{namer.stage}", "lrn", attrs, namer.stage, loc))
             elif token.kind == "maxpool":

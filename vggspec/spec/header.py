@@ -11,7 +11,7 @@ from typing import Any
 from .errors import shorten
 
 MAX_SIDE = 16384
-MAX_CHANNELS_IN = 64
+IMAGE_CHANNELS = (1, 3)  # what vggspec.imaging decodes images to
 
 
 class HeaderValueError(ValueError):
@@ -38,7 +38,7 @@ def _input(text: str) -> tuple[int, int, int]:
     parts = [m.group(1), m.group(2), m.group(3) or "3"]
     values = []
     for what, part in zip(("height", "width", "channels"), parts, strict=True):
-        if not re.fullmatch(r"\d{1,9}", part.lstrip("0") or "0"):
+        if not re.fullmatch(r"[0-9]{1,9}", part.lstrip("0") or "0"):
             raise HeaderValueError(f"input {what} '{shorten(part)}' is not a positive integer")
         values.append(int(part.lstrip("0") or "0"))
     h, w, c = values
@@ -46,16 +46,22 @@ def _input(text: str) -> tuple[int, int, int]:
         raise HeaderValueError("input sizes must be at least 1")
     if h > MAX_SIDE or w > MAX_SIDE:
         raise HeaderValueError(f"input {h}x{w} is larger than {MAX_SIDE} on a side")
-    if c > MAX_CHANNELS_IN:
-        raise HeaderValueError(f"input has {c} channels; at most {MAX_CHANNELS_IN} are supported")
+    if c not in IMAGE_CHANNELS:
+        raise HeaderValueError(f"input has {c} channels; vggspec reads images as 1 (grayscale) or 3 (RGB)",
+                               "write HxWx3 or HxWx1")
     return h, w, c
+
+
+MAX_CLASSES = 1 << 20  # an FC layer's largest output count (the parser's MAX_WIDTH)
 
 
 def _positive_int(text: str) -> int:
     digits = text.strip().lstrip("0") or "0"
-    if not re.fullmatch(r"\d{1,9}", digits) or int(digits) < 1:
+    if not re.fullmatch(r"[0-9]+", digits) or int(digits[:10]) < 1:
         raise HeaderValueError(f"'{shorten(text)}' is not a positive integer")
-    return int(text)
+    if len(digits) > 7 or int(digits) > MAX_CLASSES:
+        raise HeaderValueError(f"{shorten(text.strip())} is more than the {MAX_CLASSES:,} outputs an FC layer may have")
+    return int(digits)
 
 
 def _choice(*options: str) -> Callable[[str], str]:

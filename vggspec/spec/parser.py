@@ -83,6 +83,10 @@ def _apply_overrides(tree: SpecTree, overrides: tuple[str, ...]) -> None:
     for lineno, text in enumerate(overrides, start=1):
         key, sep, value = text.partition("=")
         key = key.strip().lower()
+        if not sep and key in KEYS:
+            problems.error(Span(lineno, 1, max(1, len(text))), f"--set {key} has no value",
+                           f"write --set {key}=VALUE")
+            continue
         if not sep or key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "write --set key=value with a header key"
@@ -143,7 +147,7 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
     repeat = 1
     if "*" in text:
         text, _, count = text.rpartition("*")
-        if not re.fullmatch(r"\d{1,9}", count) or not 1 <= int(count) <= MAX_REPEAT:
+        if not re.fullmatch(r"[0-9]{1,9}", count) or not 1 <= int(count) <= MAX_REPEAT:
             sink.error(
                 span,
                 f"repetition '*{shorten(count)}' must be an integer from 1 to {MAX_REPEAT}",
@@ -175,7 +179,7 @@ def _lex(word: str, span: Span, sink: DiagnosticSink) -> LayerToken | None:
 
 
 def _number_in(text: str, what: str, span: Span, sink: DiagnosticSink, low: int, high: int) -> int:
-    if not re.fullmatch(r"-?\d+", text):
+    if not re.fullmatch(r"-?[0-9]+", text):
         sink.error(span, f"{what} '{text}' is not a number")
         return 0
     if len(text.lstrip("-0")) > len(str(high)):  # before int(): thousands of digits must not reach it

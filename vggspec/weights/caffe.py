@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WeightsError
+from ..files import require_file
 from ..graph import LayerGraph, Preprocessing
 from .checkpoint import check_tensors
 from .init import param_shapes
@@ -37,8 +38,7 @@ _BLOBS = {"weight": ("weight", "0"), "bias": ("bias", "1")}
 def load_blobs(path: str | Path) -> dict[str, np.ndarray]:
     """Blobs from a .caffemodel (Caffe's protobuf), a .npz (no pickles) or a .safetensors file."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError("no such file", str(path))
+    require_file(path, WeightsError, "a weights file")
     if path.suffix == ".caffemodel":
         from .caffe_proto import read_caffemodel
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import WeightsError
+from ..files import require_file
 
 # (message, [(field, number, type, label, message type or None, packed)])
 SCHEMA: list[tuple[str, list[tuple[str, int, str, str, str | None, bool]]]] = [
@@ -77,8 +78,7 @@ def _blob_array(blob: Any) -> np.ndarray:
 def read_caffemodel(path: str | Path) -> dict[str, np.ndarray]:
     """Every layer's blobs, keyed `<layer>.<blob index>` (`conv1_1.0` weights, `conv1_1.1` biases)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError("no such file", str(path))
+    require_file(path, WeightsError, "a Caffe model file")
     if path.stat().st_size > MAX_BYTES:
         raise WeightsError(f"{path.stat().st_size / 2**30:.1f} GB is more than a VGG release holds", str(path))
     net = messages()["NetParameter"]()

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import WeightsError
+from ..files import require_file
 from ..graph import LayerGraph, Preprocessing
 from .init import param_shapes
 
@@ -55,6 +56,28 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     tensors = {k: np.require(v, requirements="C") for k, v in checkpoint.tensors.items()}  # 0-d stays 0-d
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=checkpoint.metadata())
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header with its metadata keys sorted, so the same checkpoint is the same bytes.
+
+    safetensors keeps metadata in a Rust HashMap, whose order changes from process to process. The
+    header is rewritten in place only when re-serialising it unsorted gives back exactly its bytes:
+    the same compact JSON, the same length, the tensors' data untouched."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+
+        def dump(h: dict) -> bytes:
+            return json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8").ljust(n)
+
+        if "__metadata__" not in header or dump(header) != raw:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        f.seek(8)
+        f.write(dump(header))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -62,8 +85,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError("no such checkpoint file", str(path))
+    require_file(path, WeightsError, "a checkpoint file")
     try:
         with safe_open(str(path), framework="numpy") as f:  # validates the header and the offsets
             meta = f.metadata() or {}
@@ -122,7 +144,9 @@ def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides:
     from ..spec import parse
 
     if not checkpoint.spec.strip():
-        raise WeightsError("the checkpoint holds no spec text", path, "give the spec explicitly")
+        raise WeightsError("holds no spec text: not a checkpoint vggspec wrote", path,
+                           "`vggspec export SPEC --weights FILE` takes the spec from SPEC; other commands need a "
+                           "checkpoint from vggspec init, train or weights import")
     # The labels file named in the spec is not beside a checkpoint: the labels travel in its metadata.
     stored = (*checkpoint.overrides, "labels=", *overrides)
     graph = build(parse(checkpoint.spec, f"{path or '<checkpoint>'}:spec", stored, keep_going=True))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import WeightsError
+from ..files import require_file
 from ..graph import LayerGraph, Preprocessing
 from .checkpoint import check_tensors
 
@@ -141,8 +142,7 @@ def load_pth(path: str | Path) -> dict[str, np.ndarray]:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError("no such file", str(path))
+    require_file(path, WeightsError, "a .pth file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... by kind of damage
@@ -193,4 +193,4 @@ def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
 
 def _natural(key: str) -> tuple[tuple[int, str], ...]:
     """`features.10` after `features.9`."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in key.split("."))
+    return tuple((int(p), "") if p.isascii() and p.isdigit() else (-1, p) for p in key.split("."))
