@@ -193,3 +193,11 @@ def test_the_edge_example_runs_a_gray_model_and_says_how_to_call_it(tmp_path: Pa
     assert halves[0].split("CPUExecutionProvider")[1].strip() == halves[1].strip()
     out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("usage:") and "Traceback" not in out.stderr
+
+
+def test_a_labels_file_given_by_set_is_blamed_on_the_set(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    result = cli("summary", "A", "--set", "labels=two.txt")
+    assert result.exit_code == 1 and "<--set>:1:8: error: labels file" in result.output
+    assert "has 2 labels for 1000 classes" in result.output and "A.vgg" not in result.output

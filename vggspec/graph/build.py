@@ -198,13 +198,17 @@ def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[st
         return ()
     base = Path(tree.path).parent if entry.origin == tree.path else Path.cwd()
     path = base / tree.header.labels
+    # An error points where the value was written: the spec, or the --set that overrode it.
+    target = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides)) if entry.origin == OVERRIDE_PATH else sink
+    labels: tuple[str, ...] = ()
     try:
         labels = read_labels(path)
     except DataError as exc:
-        sink.error(entry.value_span, f"labels file {path}: {exc.message}", exc.hint)
-        return ()
-    if classes and len(labels) != classes:
-        sink.error(entry.value_span, f"labels file {path} has {len(labels)} labels for {classes} classes")
+        target.error(entry.value_span, f"labels file {path}: {exc.message}", exc.hint)
+    if labels and classes and len(labels) != classes:
+        target.error(entry.value_span, f"labels file {path} has {len(labels)} labels for {classes} classes")
+    if target is not sink:
+        sink.diagnostics.extend(target.diagnostics)
     return labels
 
 
