@@ -9,13 +9,47 @@ import pytest
 
 import vggspec
 from vggspec.errors import DataError, SpecError
-from vggspec.labels import MAX_BYTES, read_labels
+from vggspec.labels import MAX_BYTES, check_label_count, read_labels
 
 
 def test_lines_and_json(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("cat\n\ndog\n")
+    (tmp_path / "a.txt").write_text("\ufeff cat \r\ndog\n\n  \n")  # BOM, CRLF, spaces, trailing blank lines
     (tmp_path / "b.json").write_text('["cat", "dog"]')
     assert read_labels(tmp_path / "a.txt") == read_labels(tmp_path / "b.json") == ("cat", "dog")
+
+
+def test_a_blank_line_before_the_last_label_is_an_error(tmp_path: Path) -> None:
+    # Skipping it would shift every later label onto the wrong class.
+    for text, line in (("cat\n\ndog\n", 2), ("\ncat\ndog\n", 1), ("cat\ndog\n \nemu", 3)):
+        (tmp_path / "a.txt").write_text(text)
+        with pytest.raises(DataError, match=f"line {line} is blank") as info:
+            read_labels(tmp_path / "a.txt")
+        assert info.value.path == str(tmp_path / "a.txt") and info.value.hint
+    (tmp_path / "b.json").write_text('["cat", " ", "dog"]')
+    with pytest.raises(DataError, match="label 2 of the JSON list is empty"):
+        read_labels(tmp_path / "b.json")
+
+
+def test_duplicate_labels_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("cat\ndog\n cat\n")
+    with pytest.raises(DataError, match="line 3 repeats the label 'cat' of line 1") as info:
+        read_labels(tmp_path / "a.txt")
+    assert info.value.path == str(tmp_path / "a.txt") and info.value.hint
+    (tmp_path / "b.json").write_text('["cat", "dog", "dog"]')
+    with pytest.raises(DataError, match="label 3 repeats the label 'dog' of label 2"):
+        read_labels(tmp_path / "b.json")
+    # A spec's `labels:` goes through the same reader: a located SpecError.
+    spec = tmp_path / "s.vgg"
+    spec.write_text("labels: a.txt\ninput: 32x32\nclasses: 3\nconv3-4 maxpool FC-3 soft-max\n")
+    with pytest.raises(SpecError, match="repeats the label 'cat'"):
+        vggspec.load_spec(spec)
+
+
+def test_label_count_against_the_classes(tmp_path: Path) -> None:
+    check_label_count(("cat", "dog"), 2, "a.txt")
+    with pytest.raises(DataError, match="3 labels for 2 classes") as info:
+        check_label_count(("cat", "dog", "emu"), 2, "a.txt")
+    assert info.value.path == "a.txt" and info.value.hint
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

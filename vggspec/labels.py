@@ -1,6 +1,9 @@
 """Label files, read in one place: a spec's `labels:` and the command line's `--labels` alike.
 
-One label per line (blank lines skipped), or a JSON list. Only regular files of a sane size are opened:
+One label per line, or a JSON list; the n-th label names class n. Strict, because a label file is only
+ever checked by its count: a blank line dropped in the middle, or a label given twice, shifts or merges
+classes and every number computed with the file is silently wrong. Blank lines after the last label (and
+the final newline) are fine, as is space around a label. Only regular files of a sane size are opened:
 a device or a pipe given by mistake must not read forever or block.
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError
@@ -28,19 +32,58 @@ def read_labels(path: str | Path) -> tuple[str, ...]:
         raise DataError(f"the label file is {info.st_size / 2**20:.0f} MB, more than {MAX_BYTES // 2**20} MB",
                         str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors) would otherwise stick to the first label.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read the label file ({exc})", str(path)) from None
-    if text.lstrip().startswith("["):
-        try:
-            values = json.loads(text)
-        except ValueError as exc:
-            raise DataError(f"the label file is not a valid JSON list ({exc})", str(path)) from None
-        if not isinstance(values, list):
-            raise DataError("the label file is not a JSON list", str(path))
-        labels = tuple(str(v) for v in values)
-    else:
-        labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+    labels = _json_labels(text, path) if text.lstrip().startswith("[") else _line_labels(text, path)
     if not labels:
         raise DataError("the label file is empty", str(path))
     return labels
+
+
+def check_label_count(labels: Sequence[str], classes: int, path: str | Path) -> None:
+    """A DataError unless there is one label per class: for a model (or spec) of `classes` outputs."""
+    if len(labels) != classes:
+        raise DataError(f"the label file has {len(labels)} labels for {classes} classes", str(path),
+                        f"give {classes} labels, one per class in the order of the model's outputs")
+
+
+def _line_labels(text: str, path: Path) -> tuple[str, ...]:
+    """One label per line; a blank line before the last label is an error, not skipped."""
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if "" in lines:
+        line = lines.index("") + 1
+        raise DataError(f"line {line} is blank: the labels after it would name the wrong classes", str(path),
+                        f"give one label per line, the n-th line naming class n; delete line {line} or name "
+                        "its class")
+    _check_unique(lines, path, "line")
+    return tuple(lines)
+
+
+def _json_labels(text: str, path: Path) -> tuple[str, ...]:
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"the label file is not a valid JSON list ({exc})", str(path)) from None
+    if not isinstance(values, list):
+        raise DataError("the label file is not a JSON list", str(path))
+    labels = [str(v) for v in values]
+    blank = [n for n, label in enumerate(labels, start=1) if not label.strip()]
+    if blank:
+        raise DataError(f"label {blank[0]} of the JSON list is empty", str(path), "give every class a name")
+    _check_unique(labels, path, "label")
+    return tuple(labels)
+
+
+def _check_unique(labels: list[str], path: Path, unit: str) -> None:
+    """Two classes with one name: predictions of either would read the same, and eval would merge them."""
+    first: dict[str, int] = {}
+    for n, label in enumerate(labels, start=1):
+        if label in first:
+            raise DataError(f"{unit} {n} repeats the label '{label}' of {unit} {first[label]}", str(path),
+                            "every class needs its own label: rename one of the two (word lists of ImageNet "
+                            "name two classes 'crane': 'crane (bird)', 'crane (machine)')")
+        first[label] = n

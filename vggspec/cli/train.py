@@ -9,8 +9,11 @@ import warnings
 
 import click
 
-from ..train.config import RESUMABLE_OVERRIDES
+from ..train.config import RESUMABLE_OVERRIDES, TrainingNote
 from .common import examples, set_option, spec_argument
+
+# The options a resumed run takes from the command line; the rest come from the run.
+RESUMABLE = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE_OVERRIDES)
 
 
 def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
@@ -52,7 +55,9 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
 @click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
               help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
-@click.option("--resume", "resume", metavar="RUNDIR", default=None, help="Continue the run in RUNDIR where it stopped.")
+@click.option("--resume", "resume", metavar="RUNDIR", default=None,
+              help=f"Continue the run in RUNDIR where it stopped, with its own settings and class folders; it "
+                   f"takes only {RESUMABLE} (a larger --epochs extends it).")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
@@ -77,6 +82,9 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
     the global batch stays --batch-size and only rank 0 writes files. Fine-tuning at a lower rate, as the
     paper started S=384 from S=256: `vggspec train D --data DIR --weights runs/d256/model.safetensors
     --scale 384 --lr 1e-3 -o runs/d384`.
+
+    The input's mean: the spec's `mean:` when it sets one (or --set mean=...); otherwise the training
+    set's mean, as the paper subtracts it, printed in a note. The checkpoint stores the mean used.
     """
     from ..train import TrainConfig
     from ..train import train as run
@@ -86,16 +94,15 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
     graph_name = _spec_name(spec, sets)
     rundir = resume or rundir or f"runs/{graph_name}"
     config = TrainConfig(spec=spec, sets=sets, rundir=rundir, **options)  # type: ignore[arg-type]
-    overrides = {k: v for k, v in options.items()
-                 if k in RESUMABLE_OVERRIDES and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = [k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    overrides = {k: options[k] for k in given if k in RESUMABLE_OVERRIDES}
     overrides["data"] = options["data"]
-    ignored = [k for k in options if k not in RESUMABLE_OVERRIDES and k != "data"
-               and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-    if resume and ignored:
-        click.echo(f"note: resuming with the run's own settings; ignoring --{ignored[0].replace('_', '-')}", err=True)
+    ignored = [_option_name(ctx, k) for k in given if k not in RESUMABLE_OVERRIDES]
+    if resume and ignored and _is_rank0():
+        click.echo(f"note: resuming with the run's own settings; ignoring {', '.join(ignored)} "
+                   f"(a resumed run takes only {RESUMABLE})", err=True)
     with warnings.catch_warnings():
-        # Skipped images and the like: one plain line each, not Python's file:line warning format.
-        warnings.showwarning = lambda message, *_: click.echo(f"warning: {message}", err=True)
+        warnings.showwarning = _show_warning
         last = run(config, resume=resume is not None, overrides=overrides)
     if last.get("finished") and _is_rank0():
         click.echo(f"{rundir}: the run already finished its {last['epoch']} epochs; nothing to do. Continue it with "
@@ -104,6 +111,20 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
     elif last and _is_rank0():
         click.echo(f"{rundir}: epoch {last['epoch']}, val top-1 error {100 * last['val_top1_err']:.2f}%, "
                    f"top-5 {100 * last['val_top5_err']:.2f}%; model in {rundir}/model.safetensors")
+
+
+def _option_name(ctx: click.Context, name: str) -> str:
+    """The option as the user would type it: --weight-decay; --no-flip for a flag turned off."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    if param.secondary_opts and ctx.params.get(name) is False:
+        return param.secondary_opts[0]
+    return max(param.opts, key=len)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
+    # Skipped images and the like: one plain line each, not Python's file:line warning format.
+    kind = "note" if issubclass(category, TrainingNote) else "warning"
+    click.echo(f"{kind}: {message}", err=True)
 
 
 def _spec_name(spec: str, sets: tuple[str, ...]) -> str:

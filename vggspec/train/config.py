@@ -9,6 +9,11 @@ from typing import Any
 RESUMABLE_OVERRIDES = ("epochs", "workers", "threads", "save_every", "compile", "progress", "data", "device")
 
 
+class TrainingNote(UserWarning):
+    """Something training decided that the user should know, not a problem: `vggspec train` prints it as
+    a note. A warning category (defined here, free of torch) so that library callers see it too."""
+
+
 @dataclass
 class TrainConfig:
     spec: str

@@ -25,11 +25,12 @@ from ..errors import DataError, VggspecError
 from ..graph import LayerGraph, Preprocessing
 from . import distributed as D
 from .augment import Augment, CenterEval, Lighting, check_scale
-from .config import TrainConfig
+from .config import TrainConfig, TrainingNote
 from .data import GlobalBatchSampler, ImageDataset, Split, channel_stats, collate, eval_batches, scan_folder
 from .plot import append_metrics, keep_epochs, plot_metrics, read_metrics
 from .progress import EpochBar
 from .state import (
+    MODEL,
     OLD_STATE,
     STATES,
     Progress,
@@ -44,6 +45,10 @@ from .state import (
 
 # Decoded images kept in memory (half for train, half for val): small sets skip file I/O each epoch.
 PRELOAD_BYTES = 1 << 30
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
 
 
 class TrainingError(VggspecError):
@@ -61,6 +66,33 @@ def default_scale(graph: LayerGraph) -> tuple[int, int]:
     return s, s
 
 
+def spec_sets_mean(graph: LayerGraph, sets: tuple[str, ...]) -> bool:
+    """Whether the spec (or a --set) writes `mean:`. GraphMeta holds only the value, defaults filled in,
+    so the spec text is parsed again (a millisecond)."""
+    from ..spec import parse
+
+    return "mean" in parse(graph.meta.spec_text, graph.meta.spec_path, tuple(sets), keep_going=True).entries
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, as long as they are empty: a run that
+    wrote nothing leaves no empty RUNDIR behind; rmdir never removes a file or a folder with one."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a checkpoint was written), or never created
+            return
+
+
 def set_deterministic() -> None:
     # cuBLAS needs this before its first use to be reproducible; harmless on the CPU.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -71,10 +103,12 @@ def set_deterministic() -> None:
 def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) a run; returns the last epoch's metrics. Call under torchrun for DDP."""
     world = D.setup(config.device)
+    made = _missing_folders(Path(config.rundir)) if world.main else []  # only rank 0 creates RUNDIR
     try:
         result = Trainer(config, world, resume, overrides or {}).run()
     except BaseException:
         D.teardown(world, finished=False)
+        _remove_empty(made)
         raise
     D.teardown(world)
     return result
@@ -92,10 +126,12 @@ class Trainer:
         self.state = self._resume_state(config, resume)  # the run to continue, or None
         self.config = self._settings(config, overrides)  # a resumed run keeps its own settings
         self._check_data()  # every input problem surfaces before a model is built
-        self._prepare()  # threads, deterministic kernels, the run folder, the seeds
-        self.pre, self.lighting = self._statistics()  # the training set's mean and colour PCA
+        self._prepare()  # threads, deterministic kernels, the seeds
+        self.pre, self.lighting = self._statistics()  # the input's mean and the training set's colour PCA
         self.model = self._build_model()  # the generated module, initialised or restored
         self.optimizer, self.scheduler = self._optimiser()  # SGD with momentum; lr / 10 on a plateau
+        if self.world.main:  # the run folder, once every input (--weights too) has passed its checks
+            self.rundir.mkdir(parents=True, exist_ok=True)
         self.progress, self.saved_step = Progress(), 0
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
@@ -112,8 +148,6 @@ class Trainer:
             set_deterministic()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        if self.world.main:
-            self.rundir.mkdir(parents=True, exist_ok=True)
         self._seed()
 
     def _optimiser(self) -> tuple[torch.optim.Optimizer, Any]:
@@ -138,6 +172,7 @@ class Trainer:
     def _check_data(self) -> None:
         c, w = self.config, self.world.size
         self.train_split, self.val_split = scan_folder(c.data, self.graph.meta.classes)
+        self._check_classes()
         self.scale = c.scale or default_scale(self.graph)
         check_scale(self.scale, self.graph.meta.input_shape[1:])
         if c.batch_size < 1 or c.accumulate < 1 or c.batch_size % (w * c.accumulate):
@@ -148,6 +183,19 @@ class Trainer:
             raise DataError(f"the training set has {len(self.train_split)} images, fewer than one batch of "
                             f"{c.batch_size}", str(self.train_split.root), "use a smaller --batch-size")
 
+    def _check_classes(self) -> None:
+        """A resumed run's data must hold the run's class folders: output n was trained on class n, and the
+        checkpoint's labels would change under it. (--data may change: the same data moved elsewhere.)"""
+        if self.state is None or list(self.state["classes"]) == list(self.train_split.classes):
+            return
+        had, has = self.state["classes"], self.train_split.classes
+        missing, new = [c for c in had if c not in has], [c for c in has if c not in had]
+        differ = "; ".join(f"{what} {_quoted(names)}" for what, names in (("missing", missing), ("new", new)) if names)
+        raise DataError(f"the class folders differ from the run's ({differ or 'in another order'})",
+                        str(self.train_split.root),
+                        "resume with the class folders the run started with; for other classes start a new run "
+                        f"(--weights {self.rundir / MODEL} starts it from this run's weights)")
+
     def _seed(self) -> None:
         s = self.config.seed
         random.seed(s)
@@ -156,13 +204,14 @@ class Trainer:
         torch.manual_seed(s + 7919 * self.world.rank)
 
     def _statistics(self) -> tuple[Preprocessing, Lighting | None]:
-        """The training set's mean (stored in the checkpoint) and its colour PCA, or the saved ones."""
+        """The input's mean (stored in the checkpoint) and the training set's colour PCA, or the saved ones."""
         meta, c = self.graph.meta, self.graph.meta.input_shape[0]
         if self.state is not None:
             mean, cov = np.array(self.state["stats"]["mean"]), np.array(self.state["stats"]["cov"])
         else:
-            mean, cov = channel_stats(self.train_split, c, meta.preprocessing.scale, seed=self.config.seed)
-        self.stats = {"mean": mean.tolist(), "cov": cov.tolist()}
+            data_mean, cov = channel_stats(self.train_split, c, meta.preprocessing.scale, seed=self.config.seed)
+            mean = self._mean(data_mean)
+        self.stats = {"mean": mean.tolist(), "cov": cov.tolist()}  # the mean used: a resume keeps it
         std = tuple(meta.preprocessing.std) if len(meta.preprocessing.std) == c else (1.0,) * c
         pre = Preprocessing(scale=meta.preprocessing.scale, mean=tuple(float(m) for m in mean), std=std,
                             channel_order=meta.preprocessing.channel_order, layout=meta.preprocessing.layout)
@@ -170,6 +219,17 @@ class Trainer:
         if self.config.lighting <= 0:
             return pre, None
         return pre, Lighting(np.clip(eigval, 0, None), eigvec, self.config.lighting)
+
+    def _mean(self, data_mean: np.ndarray) -> np.ndarray:
+        """The spec's `mean:` when it writes one: the user chose it. Otherwise the training set's mean, the
+        paper's recipe, said in a note, since the spec's default mean is then not the one used."""
+        if spec_sets_mean(self.graph, self.config.sets):
+            return np.array(self.graph.meta.preprocessing.mean, dtype=np.float64)
+        if self.world.main:
+            values = " ".join(f"{m:.4g}" for m in data_mean)  # as the spec would write it
+            warnings.warn(TrainingNote(f"the spec sets no `mean:`, so training subtracts the training set's "
+                                       f"mean, {values}"), stacklevel=2)
+        return data_mean
 
     def _initial_weights(self) -> dict[str, np.ndarray] | None:
         from ..weights import check_tensors, load_checkpoint
