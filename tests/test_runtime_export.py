@@ -268,3 +268,18 @@ def test_combined_from_a_checkpoint(vggspec_cli, graph, models, images, tmp):
     a, b = json.loads(from_ckpt.stdout), json.loads(from_onnx.stdout)
     assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
     assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-6)
+
+
+def test_a_checkpoints_exported_forms_are_named_after_it(vggspec_cli, graph, images, tmp):
+    """The forms exported for the run are temporaries the user never saw: messages name the checkpoint."""
+    from vggspec.weights import Checkpoint, save_checkpoint
+
+    ckpt = tmp / "named.safetensors"
+    save_checkpoint(ckpt, Checkpoint(_weights(graph, 1), SPEC, graph.meta.preprocessing, tuple(LABELS)))
+    r = vggspec_cli("predict", str(ckpt), str(images["wide"]), "--scales", "16", without_torch=True)
+    assert r.returncode == 1
+    assert f"{ckpt} (dense form, exported for this run): error: test scale Q=16 is smaller" in r.stderr, r.stderr
+    assert "vggspec-models" not in r.stderr
+    ok = vggspec_cli("predict", str(ckpt), str(images["wide"]), "--json", "--protocol", "combined")
+    assert json.loads(ok.stdout)["models"] == [f"{ckpt} ({form} form, exported for this run)"
+                                               for form in ("dense", "standard")]

@@ -221,9 +221,10 @@ def _check_static(graph: LayerGraph, static: tuple[int, int, int] | None) -> Non
     size = graph.meta.input_shape[1:]
     if n < 1 or (not graph.meta.fully_conv and (h, w) != size) or h < size[0] or w < size[1]:
         need = "exactly" if not graph.meta.fully_conv else "at least"
+        hint = ("a standard model's input is its crop size; export --fully-conv for larger images"
+                if not graph.meta.fully_conv else "a dense model takes images at least as large as its crop")
         raise VggspecError(f"static shape {n}x{h}x{w}: the batch must be positive and H x W {need} "
-                           f"{size[0]}x{size[1]}", hint="a standard model's input is its crop size; "
-                                                         "export --fully-conv for larger images")
+                           f"{size[0]}x{size[1]}", hint=hint)
 
 
 def fold_batch_norm(graph: LayerGraph, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,13 +49,22 @@ def parse_scales(text: str) -> tuple[int | None, ...]:
     return tuple(scales)
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+def _floats(text: str | None, what: str, positive: bool = False) -> tuple[float, ...] | None:
+    """A comma-separated list of finite numbers (positive ones: a std divides, a zero one by zero)."""
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"--{what} '{text}' is not a comma-separated list of numbers") from None
+    if not values or not all(_usable(v, positive) for v in values):
+        kind = "positive numbers" if positive else "finite numbers"
+        raise click.BadParameter(f"--{what} '{text}' must be {kind}, one per channel (or one for all)")
+    return values
+
+
+def _usable(value: float, positive: bool) -> bool:
+    return math.isfinite(value) and (value > 0 or not positive)
 
 
 def read_labels(path: str | None) -> tuple[str, ...] | None:
@@ -67,10 +78,14 @@ def _overrides(size: str | None, mean: str | None, std: str | None, scale: float
                labels: str | None) -> Any:
     from ..runtime import Overrides
 
-    return Overrides(size=parse_hw(size), mean=_floats(mean, "mean"), std=_floats(std, "std"), scale=scale,
-                     labels=read_labels(labels))
+    if scale is not None and not _usable(scale, positive=True):
+        raise click.BadParameter(f"--scale {scale} must be a positive number, e.g. 0.00392 (1/255)")
+    return Overrides(size=parse_hw(size), mean=_floats(mean, "mean"), std=_floats(std, "std", positive=True),
+                     scale=scale, labels=read_labels(labels))
 
 
+OVERRIDES = ("Needed for a model without vggspec metadata; for one with it, replaces the model's own value "
+             "(with a note on stderr).")
 MODEL_FLAGS = ("dense_model", "crop_model", "ensemble", "flip", "device", "threads", "batch_size", "labels", "size",
                "mean", "std", "scale")
 
@@ -96,10 +111,11 @@ def model_options(f: F) -> F:
                      help="Crops per onnxruntime run (memory grows with it)."),
         click.option("--labels", "labels", metavar="FILE", type=click.Path(dir_okay=False),
                      help="Class names: one per line, or a JSON list (default: the model's)."),
-        click.option("--size", metavar="HxW", help="Input size, for a model without vggspec metadata."),
-        click.option("--mean", metavar="M1,M2,M3", help="Per-channel mean, for a model without vggspec metadata."),
-        click.option("--std", metavar="S1,S2,S3", help="Per-channel std, for a model without vggspec metadata."),
-        click.option("--scale", type=float, metavar="X", help="Pixel scale before mean/std (default 1/255)."),
+        click.option("--size", metavar="HxW", help=f"Input size (crop size; a dense model's minimum). {OVERRIDES}"),
+        click.option("--mean", metavar="M1,M2,M3", help=f"Per-channel mean. {OVERRIDES}"),
+        click.option("--std", metavar="S1,S2,S3", help=f"Per-channel std, positive. {OVERRIDES}"),
+        click.option("--scale", type=float, metavar="X",
+                     help=f"Pixel scale before mean/std (default: the model's, else 1/255). {OVERRIDES}"),
     ]
 
     @functools.wraps(f)
@@ -116,9 +132,9 @@ def model_options(f: F) -> F:
 def _model_options(model: str, flags: dict[str, Any]) -> ModelOptions:
     from ..runtime.members import ModelOptions
 
-    overrides = _overrides(flags.pop("size"), flags.pop("mean"), flags.pop("std"), flags.pop("scale"),
-                           flags.pop("labels"))
-    return ModelOptions(model=model, overrides=overrides, **flags)
+    labels = flags.pop("labels")
+    overrides = _overrides(flags.pop("size"), flags.pop("mean"), flags.pop("std"), flags.pop("scale"), labels)
+    return ModelOptions(model=model, overrides=overrides, labels_file=labels, **flags)
 
 
 def _export_checkpoint(checkpoint: str, folder: Path) -> Any:
@@ -131,9 +147,45 @@ def _export_checkpoint(checkpoint: str, folder: Path) -> Any:
     return export_forms(checkpoint, folder)
 
 
-def _flip_note(protocol: Protocol, members: list[Member]) -> bool:
+@contextmanager
+def _runner(models: ModelOptions, protocols: Sequence[str], scale_sets: Sequence[Any]) -> Iterator[Runner]:
+    """open_runner, and a note on stderr for each setting the models do not take as given."""
+    from ..runtime.members import open_runner
+
+    with open_runner(models, protocols, scale_sets, _export_checkpoint) as runner:
+        for note in _notes(runner, models):
+            click.echo(f"note: {note}", err=True)
+        yield runner
+
+
+def _notes(runner: Runner, opts: ModelOptions) -> list[str]:
+    """--size/--mean/--std/--scale replacing a vggspec model's own values (deliberate or not, results
+    change), and --no-flip that a graph flipping itself cannot follow."""
+    notes = []
+    changed = [m for mem in runner.members for m in mem.models if m.info.overridden]
+    if changed:
+        keys = list(dict.fromkeys(k for m in changed for k in m.info.overridden))
+        verb = "replaces its value" if len(keys) == 1 else "replace their values"
+        notes.append(f"{', '.join('--' + k for k in keys)} {verb} in the vggspec metadata of {_names(changed)}")
+    flipping = [m for m in _used(runner, runner.protocols) if m.info.flip]
+    if not opts.flip and flipping:
+        notes.append(f"{_names(flipping)}: the graph averages each image with its mirror itself (exported with "
+                     "--flip); --no-flip cannot undo that, so these results are flipped")
+    return notes
+
+
+def _names(models: list[Model]) -> str:
+    return ", ".join(dict.fromkeys(m.shown for m in models))
+
+
+def _used(runner: Runner, protocols: Sequence[Protocol]) -> list[Model]:
+    """The models that run for `protocols` (a member's dense form does not run for multi-crop)."""
+    return [mem.model(kind) for mem in runner.members for proto in protocols for kind in proto.kinds]
+
+
+def _flip_note(protocol: Protocol, runner: Runner) -> bool:
     """The flip really applied: a graph exported with flip averages its mirror whatever --no-flip says."""
-    return protocol.flip or any(m.info.flip for mem in members for m in mem.models)
+    return protocol.flip or any(m.info.flip for m in _used(runner, [protocol]))
 
 
 def _error_line(path: str, message: str) -> None:
@@ -171,13 +223,12 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
     eight images in a row stops the run with one error.
     """
     from ..runtime.evaluate import IMAGE_ERRORS, FailureStreak, image_error
-    from ..runtime.members import open_runner
 
-    with open_runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else [],
-                     _export_checkpoint) as runner:
+    with _runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else []) as runner:
         proto = runner.protocols[0]
         heat_model = _heatmap_model(runner.members, heatmap)
-        failed, used_names, streak = 0, set(), FailureStreak()
+        failed, streak = 0, FailureStreak()
+        used_names = _reserved_names(images, heatmap)
         for image in images:
             try:
                 posterior = runner.run(image)[proto]
@@ -187,7 +238,7 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
                 streak.failed(exc)
                 continue
             streak.succeeded()
-            _print_prediction(image, posterior, top, proto, runner, runner.members, as_json)
+            _print_prediction(image, posterior, top, proto, runner, as_json)
             if heat_model is not None:
                 _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore
     if failed:
@@ -195,8 +246,7 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
         sys.exit(1)
 
 
-def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, runner: Runner,
-                      members: list[Member], as_json: bool) -> None:
+def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, runner: Runner, as_json: bool) -> None:
     from ..runtime import top_k
 
     info = runner.lead.info
@@ -205,29 +255,40 @@ def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, run
         click.echo(json.dumps({
             "image": image,
             "top": [{"index": i, "label": info.label(i), "probability": round(p, 6)} for i, p in best],
-            "protocol": proto.name, "scales": list(proto.scales), "flip": _flip_note(proto, members),
-            "provider": runner.provider, "models": [m.path for mem in members for m in mem.models],
+            "protocol": proto.name, "scales": list(proto.scales), "flip": _flip_note(proto, runner),
+            "provider": runner.provider, "models": _model_names(runner),
         }))
         return
-    flip = ", flip" if _flip_note(proto, members) else ""
+    flip = ", flip" if _flip_note(proto, runner) else ""
     click.echo(f"{image}  ({proto.name}, Q={proto.scales_text}{flip}, {runner.provider})")
     for rank, (i, p) in enumerate(best, 1):
         click.echo(f"  {rank}. {info.label(i):<24} {p:.4f}")
 
 
 def _heatmap_model(members: list[Member], heatmap: str | None) -> Model | None:
-    """The model drawing heatmaps: the first dense model with a `scores` output (checked before any work)."""
+    """The model drawing heatmaps: the first dense model with a `scores` output (checked before any work);
+    the folder is made only then, so a run refused up front leaves nothing behind."""
     from ..errors import ModelError
 
     if heatmap is None:
         return None
-    Path(heatmap).mkdir(parents=True, exist_ok=True)
     candidates = [m for mem in members for m in (mem.dense, mem.crop) if m is not None]
-    for m in candidates:
-        if "scores" in m.info.outputs and m.info.fully_conv:
-            return m
-    raise ModelError("--heatmap needs a fully convolutional model with a `scores` output", candidates[0].path,
-                     "export it with --fully-conv --scores")
+    model = next((m for m in candidates if "scores" in m.info.outputs and m.info.fully_conv), None)
+    if model is None:
+        raise ModelError("--heatmap needs a fully convolutional model with a `scores` output", candidates[0].shown,
+                         "export one with `vggspec export --fully-conv --scores` (give it as MODEL or --dense-model)")
+    Path(heatmap).mkdir(parents=True, exist_ok=True)
+    return model
+
+
+def _reserved_names(images: tuple[str, ...], heatmap: str | None) -> set[str]:
+    """Heat-map names taken from the start: those of input images already at DIR/<name>.png, which the
+    heat map would otherwise replace (it then gets <name>-2.png)."""
+    from ..atomic import same_file
+
+    if heatmap is None:
+        return set()
+    return {Path(i).stem for i in images if same_file(Path(heatmap) / f"{Path(i).stem}.png", i)}
 
 
 def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, folder: Path, used: set[str]) -> None:
@@ -277,16 +338,15 @@ def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...],
              predictions: str | None, ray_address: str | None, models: ModelOptions) -> None:
     """Top-1 and top-5 error of MODEL (.onnx, or a .safetensors checkpoint: both forms) over a labelled image
     folder, one row per protocol and scale set."""
-    from ..runtime.members import open_runner
-
     if predictions:
         from ..atomic import check_output_path
 
-        check_output_path(predictions)  # before the evaluation, not after it
+        check_output_path(predictions, models.inputs())  # before the evaluation, not after it
     if ray_address is not None:
         import ray  # noqa: F401  (before any work: a missing extra names what to install)
-    with open_runner(models, protocols, [parse_scales(s) for s in scale_sets], _export_checkpoint) as runner:
+    with _runner(models, protocols, [parse_scales(s) for s in scale_sets]) as runner:
         items, classes = _dataset(data, runner)
+        _check_not_an_image(predictions, items)
         report = _run_eval(runner, items, ray_address, models)
     if predictions:
         from ..runtime.evaluate import write_predictions
@@ -294,15 +354,28 @@ def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...],
         write_predictions(report, predictions, classes)
     if as_json:
         click.echo(json.dumps(report.to_dict() | {
-            "models": [m.path for mem in runner.members for m in mem.models], "data": data,
+            "models": _model_names(runner), "data": data,
             "classes": len(classes), "provider": runner.provider}))
     elif report.images:
-        _print_table(report, runner, runner.members, data, len(classes), len(items))
+        _print_table(report, runner, data, len(classes), len(items))
     if not report.images:
         fail(f"{data}: error: none of the {len(items)} images could be evaluated (each is named above)")
     if report.failed:
         click.echo(f"{len(report.failed)} of {len(items)} images failed", err=True)
         sys.exit(1)
+
+
+def _check_not_an_image(predictions: str | None, items: list[tuple[Path, int]]) -> None:
+    """--predictions naming one of the images of --data would overwrite it with the CSV: refused before the
+    evaluation. A path that does not exist yet is none of them, and costs no look at each image."""
+    from ..atomic import check_output_path
+
+    if predictions and Path(predictions).exists():
+        check_output_path(predictions, [("an image of --data", path) for path, _ in items])
+
+
+def _model_names(runner: Runner) -> list[str]:
+    return [m.shown for mem in runner.members for m in mem.models]
 
 
 def _dataset(data: str, runner: Runner) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -337,11 +410,11 @@ def _run_eval(runner: Runner, items: list, ray_address: str | None, models: Mode
                    on_step=lambda: bar.advance(task))
 
 
-def _print_table(report: Report, runner: Runner, members: list[Member], data: str, classes: int, total: int) -> None:
+def _print_table(report: Report, runner: Runner, data: str, classes: int, total: int) -> None:
     """Rows shaped like the paper's Tables 3-5: config, evaluation method, test scales, top-1/top-5 error."""
-    config = "+".join(mem.models[0].info.name for mem in members)
+    config = "+".join(mem.models[0].info.name for mem in runner.members)
     header = ("ConvNet", "evaluation method", "test scale Q", "top-1 err (%)", "top-5 err (%)")
-    rows = [(config, p.name + (" + flip" if _flip_note(p, members) else ""), p.scales_text,
+    rows = [(config, p.name + (" + flip" if _flip_note(p, runner) else ""), p.scales_text,
              f"{s.top1:.1f}", f"{s.top5:.1f}") for p, s in report.scores.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     click.echo(f"{data}: {total} images, {classes} classes")

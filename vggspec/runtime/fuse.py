@@ -7,9 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_output_path
 from ..contract import PROTOBUF_LIMIT, Metadata, from_props, has_metadata, to_props
 from ..errors import ModelError
+from .session import check_model_file
 
 # Members must agree on these, or one input cannot feed them all (or the averaged posteriors mean nothing).
 MUST_MATCH = ("input_size", "channels", "preprocessing", "fully_conv", "embedded_preprocessing", "flip", "classes")
@@ -23,9 +24,7 @@ def _onnx() -> Any:
 
 def _load(path: str | Path) -> Any:
     onnx = _onnx()
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError("no such file" if not path.exists() else "is a folder, not an ONNX model", str(path))
+    path = check_model_file(path)
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -173,6 +172,8 @@ def _fused_meta(metas: Sequence[Metadata], with_scores: bool) -> Metadata:
 def fuse(models: Sequence[str | Path], output: str | Path) -> Path:
     """Write one ONNX graph averaging the posteriors of `models` (atomically); return its path."""
     onnx = _onnx()
+    # Checked before the (long) fusion, as well as atomic_path's own checks: writing over a member destroys it.
+    check_output_path(output, [(f"model {i} of {len(models)}", m) for i, m in enumerate(models, 1)])
     fused = build_fused(models)
     with atomic_path(output, suffix=".onnx") as tmp:
         onnx.save(fused, str(tmp))

@@ -12,14 +12,15 @@ from ..imaging import load_pixels
 from .preprocess import check_size, to_input
 from .session import Model
 
-MIN_CELLS = 4  # a map of fewer cells (a 1 x 1 map at the input size) localises nothing
+MIN_CELLS = 4  # a map of fewer cells (1 x 1 at the input size, 1 x 2, 1 x 3) localises next to nothing
 
 
 def score_map(model: Model, path: str | Path, q: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(rescaled image H x W x C uint8, score maps classes x h x w) of one unflipped dense pass at Q."""
     if "scores" not in model.info.outputs:
-        raise ModelError("the model has no 'scores' output, so there is no score map to draw", model.path,
-                         "export the fully convolutional model with scores=True")
+        raise ModelError("the model has no 'scores' output, so there is no score map to draw", model.shown,
+                         "export the fully convolutional form with `vggspec export --fully-conv --scores` "
+                         "(scores=True in Python)")
     pixels = load_pixels(path, model.info.channels, q)
     check_size(pixels, model.info.input_size, str(path), q)
     _, scores = model.run(to_input(pixels[None], model.info), [model.info.probs_output, "scores"])
@@ -56,8 +57,9 @@ def heatmap(model: Model, path: str | Path, q: int | None, class_index: int, out
     if scores.shape[1] * scores.shape[2] < MIN_CELLS:
         h, w = scores.shape[1:]
         raise DataError(f"no heat map: at Q={q if q is not None else 'native'} the score map has {h} x {w} "
-                        "cell(s), one colour over the whole image", str(path),
-                        "give a larger test scale: each 32 pixels beyond the input size add a cell")
+                        f"cell(s), under {MIN_CELLS}: too coarse to show where in the image the class is",
+                        str(path), "give a larger test scale: each stride of the network (32 pixels for VGG) "
+                                   "beyond the input size adds a row or column of cells")
     label = model.info.label(class_index)
     prob = f"  p={posterior:.3f}" if posterior is not None else ""
     title = f"{Path(path).name}: {label}{prob}  (Q={q if q is not None else 'native'})"

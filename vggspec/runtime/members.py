@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
+from ..labels import check_label_count
 from .protocols import Member, Protocol, Runner, default_scales
-from .session import Model, Overrides
+from .session import Model, Overrides, check_model_file
 
 Scales = tuple[int | None, ...]  # test scales Q; None: the image's own size (dense models)
 Export = Callable[[str, Path], Sequence[Path]]  # a checkpoint and a folder -> its standard and dense ONNX files
@@ -35,6 +36,20 @@ class ModelOptions:
     threads: int | None = None
     batch_size: int = 10  # crops per onnxruntime run
     overrides: Overrides = field(default_factory=Overrides)  # metadata for models without vggspec's
+    labels_file: str | None = None  # where overrides.labels were read from
+
+    @property
+    def ensemble_paths(self) -> list[str]:
+        """The --ensemble models, each entry repeated or comma-separated."""
+        return [p.strip() for entry in self.ensemble for p in entry.split(",") if p.strip()]
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        """(option, path) of every file the run reads: what an output of the run must not overwrite."""
+        return [("MODEL", self.model), ("--dense-model", self.dense_model), ("--crop-model", self.crop_model),
+                *(("--ensemble", p) for p in self.ensemble_paths), ("--labels", self.labels_file)]
+
+
+Load = Callable[..., Model]  # a path (and what messages call it) -> a Model, with the run's device and overrides
 
 
 def load_members(opts: ModelOptions, scratch: Path | None = None, export: Export | None = None) -> list[Member]:
@@ -42,20 +57,45 @@ def load_members(opts: ModelOptions, scratch: Path | None = None, export: Export
 
     A checkpoint needs `export` (checkpoint, folder -> the two ONNX forms) and `scratch` to put them in.
     """
-    def load(path: str) -> Model:
-        return Model(path, device=opts.device, threads=opts.threads, overrides=opts.overrides)
+    def load(path: str, shown: str | None = None) -> Model:
+        return Model(path, device=opts.device, threads=opts.threads, overrides=opts.overrides, shown=shown)
 
-    paths = [opts.model]
-    if is_checkpoint(opts.model):
-        if export is None or scratch is None:
-            raise ModelError("is a checkpoint: export it to ONNX first", opts.model,
-                             "`vggspec export --weights CKPT -o M.onnx`, or pass export= and scratch=")
-        paths = [str(p) for p in export(opts.model, scratch)]
-    first = [load(p) for p in paths] + [load(p) for p in (opts.dense_model, opts.crop_model) if p]
-    members = [Member.of(*first)]
-    for entry in opts.ensemble:
-        members += [Member.of(load(p.strip())) for p in entry.split(",") if p.strip()]
+    first = _main_models(opts, load, scratch, export)
+    first += [_other_form(option, path, dense, first, load) for option, path, dense in
+              (("--dense-model", opts.dense_model, True), ("--crop-model", opts.crop_model, False)) if path]
+    members = [Member.of(*first)] + [Member.of(load(p)) for p in opts.ensemble_paths]
+    if opts.overrides.labels is not None:  # too few or too many names would label the wrong classes
+        for model in (m for member in members for m in member.models if m.info.classes):
+            check_label_count(opts.overrides.labels, model.info.classes, opts.labels_file or "--labels")
     return members
+
+
+def _main_models(opts: ModelOptions, load: Load, scratch: Path | None, export: Export | None) -> list[Model]:
+    """MODEL, or both forms of a checkpoint MODEL, named in messages as the checkpoint: the exported files
+    are temporaries the user never saw (and gone when the run ends)."""
+    if not is_checkpoint(opts.model):
+        return [load(opts.model)]
+    check_model_file(opts.model)
+    if export is None or scratch is None:
+        raise ModelError("is a checkpoint: export it to ONNX first", opts.model,
+                         "`vggspec export --weights CKPT -o M.onnx`, or pass export= and scratch=")
+    paths = export(opts.model, scratch)
+    return [load(str(p), f"{opts.model} ({Path(p).stem} form, exported for this run)") for p in paths]
+
+
+def _other_form(option: str, path: str, dense: bool, first: list[Model], load: Load) -> Model:
+    """--dense-model (fully convolutional) or --crop-model (standard) beside MODEL, which must be of the
+    other form: otherwise roles assigned by form would quietly run the wrong file for a protocol."""
+    model = load(path)
+    forms = ("standard", "fully convolutional")
+    if model.info.fully_conv != dense:
+        raise ModelError(f"{option} takes the {forms[dense]} form, and this model is {forms[not dense]}",
+                         model.shown, f"pass it as {'--crop-model' if dense else '--dense-model'}, or export the "
+                                      f"{forms[dense]} form (`vggspec export`{' --fully-conv' if dense else ''})")
+    if len(first) == 1 and first[0].info.fully_conv == dense:
+        raise ModelError(f"MODEL is already {forms[dense]}: {option} is the other form of a {forms[not dense]} MODEL",
+                         first[0].shown, f"drop {option}, or give the {forms[not dense]} model as MODEL")
+    return model
 
 
 def build_protocols(names: Sequence[str], scale_sets: Sequence[Scales], flip: bool,

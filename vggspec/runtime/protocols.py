@@ -8,6 +8,7 @@ ensemble over its members. Several protocols asked at once (eval's Tables 3-5) s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ModelError
+from ..contract import key
+from ..errors import ModelError
 from ..imaging import MAX_PIXELS, grid_crops, load_image, mirror, rescale, to_array
-from .preprocess import check_size, to_input
+from .preprocess import check_size, check_static_size, to_input
 from .session import Model
 
 PROTOCOLS = ("dense", "multi-crop", "combined")
@@ -59,24 +61,32 @@ class Member:
 
     @classmethod
     def of(cls, *models: Model) -> Member:
-        """Assign roles by the models' fully_conv flag; a fully conv model also serves for crops."""
+        """Assign roles by the models' fully_conv flag; a fully conv model also serves for crops. Two
+        models must be two forms of one network (check_same_network)."""
         dense = [m for m in models if m.info.fully_conv]
         standard = [m for m in models if not m.info.fully_conv]
         if len(models) == 2 and len(dense) == 2:
-            return cls(dense[0], dense[1])
-        if len(dense) > 1 or len(standard) > 1:
-            names = ", ".join(m.path for m in models)
+            member = cls(dense[0], dense[1])
+        elif len(dense) > 1 or len(standard) > 1:
+            names = ", ".join(m.shown for m in models)
             raise ModelError(f"give one dense and one standard model for a network, not {names}")
-        return cls(dense[0] if dense else None, standard[0] if standard else None)
+        else:
+            member = cls(dense[0] if dense else None, standard[0] if standard else None)
+        if member.dense is not None and member.crop is not None:
+            check_same_network(member.dense, member.crop)
+        return member
 
     def model(self, kind: str) -> Model:
         """The model for a kind of part; ModelError when this member has no suitable form."""
         if kind == "dense":
             if self.dense is None:
-                path = self.crop.path if self.crop else None
+                path = self.crop.shown if self.crop else None
+                # One message for the command line and the Python API: options first, since most meet it there.
                 raise ModelError(
-                    "dense evaluation needs a fully convolutional model; this one is a standard model", path,
-                    "export it with fully_conv=True (vggspec export --fully-conv), or use --protocol multi-crop",
+                    "dense evaluation (protocols dense and combined) needs the network's fully convolutional "
+                    "form; this one is a standard model", path,
+                    "give that form with --dense-model M_DENSE.onnx (made by `vggspec export --fully-conv`; in "
+                    "Python: Member.of(standard, dense)), or use --protocol multi-crop",
                 )
             return self.dense
         model = self.crop or self.dense
@@ -86,6 +96,42 @@ class Member:
     @property
     def models(self) -> list[Model]:
         return [m for m in (self.dense, self.crop) if m is not None]
+
+
+# What names one network in the metadata: two forms of it agree on all of these (precision, preprocessing
+# embedding, flip and form may differ between its exports).
+IDENTITY = ("name", "spec", "classes", "channels", "input_size", "labels")
+
+
+def check_same_network(dense: Model, crop: Model) -> None:
+    """ModelError naming both files when the dense and standard forms of a member are not one network, as
+    far as their vggspec metadata tells (a model without it cannot be checked). Otherwise the protocols
+    would average two networks' posteriors, or run one under the other's labels."""
+    a, b = dense.info.metadata, crop.info.metadata
+    if not (dense.info.has_metadata and crop.info.has_metadata):
+        return
+    for name in IDENTITY:
+        x, y = a.get(key(name)), b.get(key(name))
+        if x is not None and y is not None and _decoded(x) != _decoded(y):
+            shown = "" if name == "spec" else f" ({_short(y)} here, {_short(x)} there)"
+            raise ModelError(
+                f"is not the same network as {dense.shown}: vggspec.{name} differs{shown}", crop.shown,
+                "the dense and standard forms of one network are exported from the same spec and weights "
+                "(`vggspec export` with and without --fully-conv)",
+            )
+
+
+def _decoded(value: str) -> Any:
+    """A metadata value as JSON when it is JSON (`[32, 32]` and `[32,32]` are one size), else its words
+    (a spec re-indented between two exports is still the same network)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.split()
+
+
+def _short(value: str) -> str:
+    return value if len(value) <= 60 else value[:57] + "..."
 
 
 @dataclass
@@ -105,14 +151,11 @@ class _Pixels:
 
 
 def dense_posterior(model: Model, pixels: np.ndarray, flip: bool, path: str | None = None,
-                    q: int | None = None) -> np.ndarray:
-    """One pass of the whole image (and its mirror when `flip` and the graph does not flip itself)."""
+                    q: int | None = None, source: tuple[int, int] | None = None) -> np.ndarray:
+    """One pass of the whole image (and its mirror when `flip` and the graph does not flip itself).
+    `source`: the image's (width, height) before rescaling, for saying which Q fits a static-shape model."""
     check_size(pixels, model.info.input_size, path, q)
-    fixed = model.info.static_hw
-    if fixed and tuple(pixels.shape[:2]) != fixed:
-        raise DataError(f"at Q={q if q is not None else 'native'} the image is {pixels.shape[0]}x{pixels.shape[1]}, "
-                        f"but the model takes exactly {fixed[0]}x{fixed[1]} (exported with --static-shape)", path,
-                        "choose --scales that give images that size, or export the model without --static-shape")
+    check_static_size(pixels, model.info.static_hw, path, q, source)
     batch = pixels[None]
     if flip and not model.info.flip:
         batch = np.concatenate([batch, mirror(batch)])
@@ -155,7 +198,7 @@ class Runner:
                 model = member.model(kind)
                 if q is not None and q < min(model.info.input_size):
                     h, w = model.info.input_size
-                    raise ModelError(f"test scale Q={q} is smaller than the model's input {h}x{w}", model.path,
+                    raise ModelError(f"test scale Q={q} is smaller than the model's input {h}x{w}", model.shown,
                                      f"use --scales of at least {min(h, w)}")
 
     @property
@@ -176,7 +219,8 @@ class Runner:
                 model = member.model(kind)
                 px = pixels.at(model.info.channels, q)
                 if kind == "dense":
-                    out[(i, kind, q)] = dense_posterior(model, px, flip, str(path), q)
+                    source = pixels.decoded[model.info.channels].size
+                    out[(i, kind, q)] = dense_posterior(model, px, flip, str(path), q, source)
                 else:
                     out[(i, kind, q)] = crop_posterior(model, px, flip, self.batch_size, str(path), q)
         return out
@@ -218,5 +262,6 @@ def top_k(posterior: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def default_scales(models: Iterable[Model]) -> tuple[int, ...]:
-    """Without --scales: Q = the smallest side of the largest input size among the models."""
-    return (max(min(m.info.input_size) for m in models),)
+    """Without --scales: Q = the smallest side of the largest input size among the models (a static model's
+    fixed size, which is the only one it takes)."""
+    return (max(min(m.info.static_hw or m.info.input_size) for m in models),)

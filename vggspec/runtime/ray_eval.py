@@ -45,23 +45,25 @@ class RunnerSpec:
     threads: int | None = 1
     overrides: Overrides = field(default_factory=Overrides)
     batch_size: int = 10
+    shown: dict[str, str] = field(default_factory=dict)  # file name -> what messages call it (the driver's name)
 
 
 def runner_spec(runner: Runner, device: str, threads: int | None, overrides: Overrides | None) -> RunnerSpec:
     """The driver's runner, described for the actors (call after ray.init: the models go into the object store)."""
     import ray
 
-    members, files = [], {}
+    members, files, shown = [], {}, {}
     for i, member in enumerate(runner.members):
         names = []
         for j, model in enumerate(member.models):
             path = Path(model.path)
             name = f"m{i}_{j}_{path.name}"
             files[name] = str(path.resolve()) if _stays(path) else ray.put(path.read_bytes())
+            shown[name] = model.shown
             names.append(name)
         members.append(tuple(names))
     return RunnerSpec(tuple(members), files, tuple(runner.protocols), device, threads, overrides or Overrides(),
-                      runner.batch_size)
+                      runner.batch_size, shown)
 
 
 def _stays(path: Path) -> bool:
@@ -91,8 +93,8 @@ class _Evaluator:
             else:
                 paths[name] = str(self.folder / name)
                 Path(paths[name]).write_bytes(ray.get(source))
-        members = [Member.of(*(Model(paths[n], spec.device, spec.threads, spec.overrides) for n in names))
-                   for names in spec.members]
+        members = [Member.of(*(Model(paths[n], spec.device, spec.threads, spec.overrides, shown=spec.shown.get(n))
+                                for n in names)) for names in spec.members]
         self.runner = Runner(members, spec.protocols, spec.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

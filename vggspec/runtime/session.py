@@ -17,6 +17,7 @@ import numpy as np
 
 from ..contract import from_props, has_metadata
 from ..errors import ModelError
+from ..files import file_problem
 from ..preprocessing import Preprocessing
 
 PROVIDERS = {
@@ -55,6 +56,7 @@ class ModelInfo:
     static_hw: tuple[int, int] | None = None  # a dense model exported with fixed H x W (--static-shape)
     outputs: tuple[str, ...] = ("probs",)
     probs_are_logits: bool = False  # metadata-less models may end in raw scores
+    overridden: tuple[str, ...] = ()  # Overrides fields that replaced different values of the vggspec metadata
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -142,21 +144,31 @@ def session_options(threads: int | None = None) -> Any:
     return opts
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int | None = None) -> tuple[Any, str]:
-    """An InferenceSession and the provider that really took the graph.
+def check_model_file(path: str | Path, shown: str | None = None) -> Path:
+    """The path of a model file that can be read; ModelError (naming `shown`, else the path) when it is
+    missing, a folder, or not a regular file: reading a FIFO blocks until a writer comes, which is for ever."""
+    path = Path(path)
+    problem = file_problem(path, "an ONNX model")
+    if problem is None:
+        return path
+    hint = None
+    if problem == "no such file" and not path.suffix:
+        hint = ("MODEL is an .onnx file or a .safetensors checkpoint, not a spec; "
+                f"make one with `vggspec export {path} -o {path.name}.onnx`")
+    raise ModelError(problem, shown or str(path), hint)
+
+
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None,
+                   shown: str | None = None) -> tuple[Any, str]:
+    """An InferenceSession and the provider that really took the graph; errors name `shown` (else the path).
 
     onnxruntime falls back to the CPU silently when a GPU provider cannot initialise (missing CUDA
     libraries), so the provider is read back from the session rather than assumed. GPU providers are
     tried one at a time, in order, each with vggspec's options first and, where this build refuses
     them, without.
     """
-    path = Path(path)
-    if not path.exists():
-        hint = None if path.suffix else ("MODEL is an .onnx file or a .safetensors checkpoint, not a spec; "
-                                         f"make one with `vggspec export {path} -o {path.name}.onnx`")
-        raise ModelError("no such file", str(path), hint)
-    if path.is_dir():
-        raise ModelError("is a folder, not an ONNX model", str(path))
+    path = check_model_file(path, shown)
+    where = shown or str(path)
     chain = provider_list(device)
     why = ""
     # auto moves down the chain; an explicit device tries its own provider only (and fails without it).
@@ -167,9 +179,9 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     try:
         session = _new_session(path, [PROVIDERS["cpu"]], threads)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise ModelError(f"not a readable ONNX model ({_first_line(exc)})", str(path)) from None
+        raise ModelError(f"not a readable ONNX model ({ort_message(exc)})", where) from None
     if device not in ("auto", "cpu"):
-        raise ModelError(f"--device {device}: {chain[0]} failed to initialise ({why})", str(path),
+        raise ModelError(f"--device {device}: {chain[0]} failed to initialise ({why})", where,
                          "check that the CUDA/cuDNN (and TensorRT) libraries match onnxruntime-gpu, "
                          "or use --device auto to fall back to the CPU")
     return session, PROVIDERS["cpu"]
@@ -183,7 +195,7 @@ def _try_gpu(path: Path, chain: list[str], threads: int | None) -> tuple[Any | N
         try:
             session = _new_session(path, providers, threads)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
-            why = _first_line(exc)
+            why = ort_message(exc)
             continue
         if session.get_providers()[:1] == [chain[0]]:
             return session, ""
@@ -199,9 +211,20 @@ def _new_session(path: Path, providers: list[Any], threads: int | None) -> Any:
         return _ort().InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+ORT_MESSAGE_LIMIT = 600  # characters: room for a shape complaint with its indices, not for a page of log
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's error in one line: every non-empty line joined with "; ", capped.
+
+    Its messages put the status on the first line and what is wrong (which input, which index, got and
+    expected) on the lines after, ending with generic advice, so neither the first nor the last line alone
+    says what happened.
+    """
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= ORT_MESSAGE_LIMIT else text[:ORT_MESSAGE_LIMIT - 3] + "..."
 
 
 # ---------------------------------------------------------------- metadata
@@ -281,11 +304,20 @@ def _apply_overrides(info: ModelInfo, ov: Overrides) -> ModelInfo:
     prep = info.preprocessing
     prep = replace(prep, mean=ov.mean or prep.mean, std=ov.std or prep.std,
                    scale=ov.scale if ov.scale is not None else prep.scale)
-    return replace(
+    out = replace(
         info, preprocessing=prep, input_size=ov.size or info.input_size,
         labels=ov.labels if ov.labels is not None else info.labels,
         fully_conv=info.fully_conv if ov.fully_conv is None else ov.fully_conv,
     )
+    return replace(out, overridden=_overridden(info, out)) if info.has_metadata else out
+
+
+def _overridden(before: ModelInfo, after: ModelInfo) -> tuple[str, ...]:
+    """The size and preprocessing values the overrides changed: a vggspec model's own are what it was
+    trained with, so replacing them is worth telling (labels are only names, and --labels says so)."""
+    pairs = {"size": (before.input_size, after.input_size)}
+    pairs |= {k: (getattr(before.preprocessing, k), getattr(after.preprocessing, k)) for k in ("mean", "std", "scale")}
+    return tuple(k for k, (a, b) in pairs.items() if a != b)
 
 
 def _check_io(info: ModelInfo, shape: list[Any], session: Any) -> None:
@@ -313,11 +345,14 @@ class Model:
     """An onnxruntime session with its ModelInfo; runs prepared batches, binding IO on GPUs."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
-                 overrides: Overrides | None = None, io_binding: bool | None = None) -> None:
+                 overrides: Overrides | None = None, io_binding: bool | None = None, shown: str | None = None) -> None:
         self.path = str(path)
+        # What messages call the model: the path, unless it is a temporary file the user never named (a
+        # checkpoint's forms exported for the run), which is then shown as what the user gave.
+        self.shown = shown or self.path
         self.device = device
-        self.session, self.provider = create_session(path, device, threads)
-        self.info = read_info(self.session, path, overrides)
+        self.session, self.provider = create_session(path, device, threads, shown=self.shown)
+        self.info = read_info(self.session, self.shown, overrides)
         # On a GPU, bind IO to the device so runs are not dominated by host copies; on the CPU it buys nothing.
         self.io_binding = self.on_gpu if io_binding is None else io_binding
 
@@ -339,7 +374,7 @@ class Model:
         for name, out in zip(names, results, strict=True):
             if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
                 # A NaN posterior would count as an ordinary wrong answer: refuse it instead.
-                raise ModelError(f"output '{name}' holds NaN or infinite values", self.path,
+                raise ModelError(f"output '{name}' holds NaN or infinite values", self.shown,
                                  "the model's weights are not finite, or its preprocessing divides by zero")
         if self.info.probs_are_logits and names[0] == self.info.probs_output:
             results[0] = _as_posteriors(results[0])
@@ -357,8 +392,8 @@ class Model:
                 return self._run_bound(x, names)
             return self.session.run(names, {self.info.input_name: x})
         except Exception as exc:  # onnxruntime's own exception types
-            msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"onnxruntime failed on an input of shape {list(x.shape)}: {msg}", self.path) from None
+            raise ModelError(f"onnxruntime failed on an input of shape {list(x.shape)}: {ort_message(exc)}",
+                             self.shown) from None
 
     def _run_bound(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """Inputs copied to the device once, outputs allocated there: no hidden copies inside run()."""
