@@ -153,7 +153,8 @@ def _checkpoints(rundir: Path) -> list[Path]:
     root = rundir / STATES
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()),
+                  key=lambda p: int(p.name))
 
 
 def save_state(rundir: Path, payload: dict[str, Any]) -> Path:
