@@ -201,3 +201,69 @@ def test_a_labels_file_given_by_set_is_blamed_on_the_set(tmp_path: Path, monkeyp
     result = cli("summary", "A", "--set", "labels=two.txt")
     assert result.exit_code == 1 and "<--set>:1:8: error: labels file" in result.output
     assert "has 2 labels for 1000 classes" in result.output and "A.vgg" not in result.output
+
+
+TINY = "input: 16x16x1\nclasses: 3\nscale: 1/255\nconv3-4 maxpool conv3-4 maxpool FC-8 FC-3 soft-max\n"
+
+
+def _gray_images(folder: Path, n: int = 2, seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (18, 20), np.uint8)).save(p)
+    return paths
+
+
+def test_members_that_order_their_classes_differently_are_not_averaged(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.vgg").write_text(TINY)
+    (tmp_path / "ab.txt").write_text("a\nb\nc\n")
+    (tmp_path / "ba.txt").write_text("c\nb\na\n")
+    for name, labels in (("x", "ab.txt"), ("y", "ba.txt"), ("z", "ab.txt")):
+        assert cli("export", "t.vgg", "--set", f"labels={labels}", "--fully-conv", "-o", f"{name}.onnx").exit_code == 0
+    for label in "abc":
+        _gray_images(tmp_path / "val" / label)
+    result = cli("fuse", "x.onnx", "y.onnx", "-o", "xy.onnx")
+    assert result.exit_code == 1 and "y.onnx: error: names class 0 'c', and x.onnx names it 'a'" in result.output
+    assert not (tmp_path / "xy.onnx").exists()
+    result = cli("eval", "x.onnx", "--ensemble", "y.onnx", "--data", "val")
+    assert result.exit_code == 1 and "names class 0 'c'" in result.output
+    assert cli("fuse", "x.onnx", "z.onnx", "-o", "xz.onnx").exit_code == 0  # the same order: fine
+
+
+def test_file_names_that_are_not_utf8_are_reported_not_fatal(tmp_path: Path) -> None:
+    spec = tmp_path / "t.vgg"
+    spec.write_text(TINY)
+    model = tmp_path / "m.onnx"
+    assert cli("export", spec, "--fully-conv", "-o", model).exit_code == 0
+    for label in "abc":
+        _gray_images(tmp_path / "val" / label)
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path / "val" / "a")) + b"/x\xff.png"))
+    odd.write_bytes((tmp_path / "val" / "a" / "0.png").read_bytes())
+    result = cli("eval", model, "--data", tmp_path / "val", "--predictions", tmp_path / "p.csv")
+    assert result.exit_code == 0 and "internal error" not in result.output, result.output
+    assert "x\\xff.png,a," in (tmp_path / "p.csv").read_text(encoding="utf-8")
+    result = cli("predict", model, odd, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["image"].endswith("x\\xff.png")
+
+
+def test_a_linked_folder_inside_a_class_folder_is_scanned(tmp_path: Path) -> None:
+    from vggspec.imaging import scan_image_folder
+
+    _gray_images(tmp_path / "train" / "a", 2)
+    _gray_images(tmp_path / "elsewhere", 3, seed=1)
+    (tmp_path / "train" / "a" / "more").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "train")  # a link back up is walked once
+    assert len(scan_image_folder(tmp_path / "train").files) == 5
+
+
+def test_init_from_a_net_with_other_fc_layers_names_the_file(tmp_path: Path) -> None:
+    spec = tmp_path / "t.vgg"
+    spec.write_text(TINY)
+    deeper = tmp_path / "a.safetensors"
+    assert cli("init", "A", "--set", "width=1/16", "-o", deeper).exit_code == 0
+    result = cli("init", spec, "--init-from", deeper, "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 1 and f"{deeper}: error: " in result.output and "hint:" in result.output

@@ -44,3 +44,9 @@ def _stat_problem(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return "no such file"
     return f"cannot read ({exc.strerror or exc})"
+
+
+def printable(name: str | Path) -> str:
+    """A file name as valid UTF-8 text for reports (JSON, CSV): bytes that are not UTF-8, which Python keeps
+    as lone surrogates, shown as \\xNN escapes instead of making the whole output unwritable or invalid."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -10,9 +10,10 @@ embedded preprocessing takes); `normalise` turns them into the network's float i
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,14 +239,27 @@ def scan_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]
     files gone wrong, to be reported, not dropped."""
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
-    for p in sorted(Path(folder).rglob("*")):
+    for p in sorted(_walk(Path(folder))):
         if not _named_like_image(p):
             continue
         if p.is_file():
             files.append(p)
-        elif not p.is_dir():  # a folder named x.jpg is a folder: rglob looks inside it
+        elif not p.is_dir():  # a folder named x.jpg is a folder: the walk looks inside it
             problems.append((p, file_problem(p) or "not a regular file"))
     return files, problems
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every entry under `root`, following linked folders (a class folder may gather images by links, and
+    Path.rglob would skip them silently), each real folder once: a link back up cannot loop."""
+    seen: set[str] = set()
+    for top, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(top) / name for name in (*folders, *names))
 
 
 def list_images(folder: str | Path) -> list[Path]:

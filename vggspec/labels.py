@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, ModelError
 
 MAX_BYTES = 16 * 2**20  # ImageNet-21k's 21,841 labels take under 1 MB
 
@@ -87,3 +87,20 @@ def _check_unique(labels: list[str], path: Path, unit: str) -> None:
                             "every class needs its own label: rename one of the two (word lists of ImageNet "
                             "name two classes 'crane': 'crane (bird)', 'crane (machine)')")
         first[label] = n
+
+
+def check_same_labels(named: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """ModelError when two models (name, labels) both name their classes and not in the same order:
+    averaging their posteriors index by index (an ensemble, a fusion) would mix different classes.
+    A model without labels cannot be checked: indices are all it has."""
+    labelled = [(name, tuple(labels)) for name, labels in named if labels]
+    for name, labels in labelled[1:]:
+        first, theirs = labelled[0]
+        if labels != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(labels, theirs, strict=False)) if a != b),
+                      min(len(labels), len(theirs)))
+            mine = labels[at] if at < len(labels) else "none"
+            other = theirs[at] if at < len(theirs) else "none"
+            raise ModelError(f"names class {at} '{mine}', and {first} names it '{other}': averaging the two "
+                             "index by index would mix different classes", name,
+                             "ensemble models trained on the same classes in the same order")

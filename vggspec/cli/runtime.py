@@ -247,13 +247,14 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
 
 
 def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, runner: Runner, as_json: bool) -> None:
+    from ..files import printable
     from ..runtime import top_k
 
     info = runner.lead.info
     best = top_k(posterior, top)
     if as_json:
         click.echo(json.dumps({
-            "image": image,
+            "image": printable(image),
             "top": [{"index": i, "label": info.label(i), "probability": round(p, 6)} for i, p in best],
             "protocol": proto.name, "scales": list(proto.scales), "flip": _flip_note(proto, runner),
             "provider": runner.provider, "models": _model_names(runner),

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, ModelError
+from ..files import printable
 from ..imaging import class_folders, scan_image_folder
 from .protocols import Protocol, Runner
 
@@ -122,7 +123,7 @@ class Report:
                       # null, not NaN, when no image was evaluated: NaN is not JSON, and not a result
                       "top1_error": s.top1 if s.n else None, "top5_error": s.top5 if s.n else None}
                      for p, s in self.scores.items()],
-            "failed": [{"image": path, "error": msg} for path, msg in self.failed],
+            "failed": [{"image": printable(path), "error": printable(msg)} for path, msg in self.failed],
             "images": self.images, "seconds": self.seconds, "images_per_s": self.images_per_s,
         }
 
@@ -138,7 +139,8 @@ def write_predictions(report: Report, path: str | Path, classes: Sequence[str]) 
         writer = csv.writer(f)
         writer.writerow(["image", "target", *names])
         for image, target, top1 in report.predictions:
-            writer.writerow([image, classes[target], *(classes[i] if i < len(classes) else i for i in top1)])
+            writer.writerow([printable(image), classes[target],
+                             *(classes[i] if i < len(classes) else i for i in top1)])
     return Path(path)
 
 

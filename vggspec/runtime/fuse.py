@@ -10,6 +10,7 @@ from typing import Any
 from ..atomic import atomic_path, check_output_path
 from ..contract import PROTOBUF_LIMIT, Metadata, from_props, has_metadata, to_props
 from ..errors import ModelError
+from ..labels import check_same_labels
 from .session import check_model_file
 
 # Members must agree on these, or one input cannot feed them all (or the averaged posteriors mean nothing).
@@ -54,6 +55,7 @@ def check_compatible(paths: Sequence[str], models: Sequence[Any]) -> list[Metada
                     "members must share input size, preprocessing and form (fully_conv, flip); export them alike",
                 )
         _check_io_and_opset(paths[0], models[0], path, model)
+    check_same_labels([(p, m.labels) for p, m in zip(paths, metas, strict=True)])
     return metas
 
 

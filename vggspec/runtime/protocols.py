@@ -19,6 +19,7 @@ import numpy as np
 from ..contract import key
 from ..errors import ModelError
 from ..imaging import MAX_PIXELS, grid_crops, load_image, mirror, rescale, to_array
+from ..labels import check_same_labels
 from .preprocess import check_size, check_static_size, to_input
 from .session import Model
 
@@ -192,6 +193,7 @@ class Runner:
         classes = {m.info.classes for member in self.members for m in member.models if m.info.classes}
         if len(classes) > 1:
             raise ModelError(f"the models disagree on the number of classes ({sorted(classes)})")
+        check_same_labels([(m.shown, m.info.labels) for member in self.members for m in member.models])
         _check_scales(q for _, q in self.parts)
         for member in self.members:
             for kind, q in self.parts:

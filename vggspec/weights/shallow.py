@@ -36,18 +36,21 @@ class ShallowInit:
 
 
 def layer_pairs(
-    source: LayerGraph, target: LayerGraph, convs: int = PAPER_CONVS, fcs: int = PAPER_FCS,
+    source: LayerGraph, target: LayerGraph, convs: int = PAPER_CONVS, fcs: int = PAPER_FCS, path: str | None = None,
 ) -> list[tuple[str, str]]:
     """(source, target) layer names to copy: the first `convs` convs by name, the last `fcs` FCs from the end."""
     src_convs = source.of_op("conv")[:convs]
     src_fcs, dst_fcs = source.of_op("fc"), target.of_op("fc")
+    hint = (f"the paper initialises a deeper net from a shallower one (net A) with the same {fcs} FC layers "
+            f"and at least {convs} convolutions")
     if len(src_convs) < convs or len(src_fcs) < fcs:
         raise WeightsError(
             f"{source.meta.name} has {len(source.of_op('conv'))} conv and {len(src_fcs)} FC layers;"
-            f" initialising from it takes its first {convs} conv and last {fcs} FC layers",
+            f" initialising from it takes its first {convs} conv and last {fcs} FC layers", path, hint,
         )
     if len(dst_fcs) < fcs:
-        raise WeightsError(f"{target.meta.name} has only {len(dst_fcs)} FC layers; {fcs} are copied")
+        raise WeightsError(f"the spec {target.meta.name} has only {len(dst_fcs)} FC layers; initialising from "
+                           f"{source.meta.name} copies its last {fcs}", path, hint)
     target_names = {layer.name for layer in target.layers}
     pairs: list[tuple[str, str]] = []
     for layer in src_convs:
@@ -85,7 +88,7 @@ def init_from_shallow(
     """
     check_tensors(source, source_tensors, path)
     tensors = init_weights(target, scheme, seed)
-    pairs = layer_pairs(source, target)
+    pairs = layer_pairs(source, target, path=path)
     for src, dst in pairs:
         for key in [k for k in tensors if k.split(".", 1)[0] == dst]:
             suffix = key.split(".", 1)[1]
