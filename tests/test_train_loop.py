@@ -153,7 +153,8 @@ def test_unreadable_images_do_not_stop_an_epoch(tmp_path: Path) -> None:
 
 
 def test_only_rank_0_writes(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "setup", lambda device="auto": D.World(rank=1, size=1))
+    # Rank 1 of 2 (without a process group): it validates on its own shard, the second half.
+    monkeypatch.setattr(D, "setup", lambda device="auto": D.World(rank=1, size=2))
     spec = tiny_spec(tmp_path / "tiny.vgg")
     last = train(config(spec, folder, tmp_path / "run", save_every=1))
     assert last["epoch"] == 1 and not (tmp_path / "run").exists()

@@ -5,11 +5,14 @@ torch is imported only inside the commands.
 
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
+from typing import Any
 
 import click
 
-from ..train.config import RESUMABLE_OVERRIDES, TrainingNote
+from ..train.config import MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
 from .common import examples, set_option, spec_argument
 
 # The options a resumed run takes from the command line; the rest come from the run.
@@ -28,6 +31,16 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(exc.message) from None
 
 
+class FiniteRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf too: nan compares false with both ends, so a plain range takes it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
 @click.command(epilog=examples(
     "vggspec train examples/digits.vgg --data data/digits -o runs/digits --batch-size 32 --epochs 15",
     "vggspec train D --data imagenet/ --scale 256:512 --weights runs/d384/model.safetensors --lr 1e-3",
@@ -43,14 +56,17 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Global batch, over all processes.")
 @click.option("--accumulate", type=click.IntRange(1), default=1, show_default=True,
               help="Split each batch into N micro-batches whose gradients add up (for memory).")
-@click.option("--lr", type=float, default=1e-2, show_default=True, help="Learning rate (1e-3 to fine-tune).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--lr", type=FiniteRange(0, min_open=True), default=1e-2, show_default=True,
+              help="Learning rate (1e-3 to fine-tune).")
+@click.option("--momentum", type=FiniteRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--weight-decay", type=FiniteRange(0), default=5e-4, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=74, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
               help="Epochs without a better val accuracy before the rate is divided by 10 (at most 3 times).")
-@click.option("--init-from", metavar="CKPT", default=None, help="Initialise from a shallower net (the paper's A).")
-@click.option("--weights", metavar="CKPT", default=None, help="Start from these weights (fine-tuning).")
+@click.option("--init-from", metavar="CKPT", default=None,
+              help="Initialise from a shallower net (the paper's A). Not with --weights.")
+@click.option("--weights", metavar="CKPT", default=None,
+              help="Start from these weights (fine-tuning). Not with --init-from.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
 @click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
@@ -62,7 +78,7 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
-@click.option("--lighting", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--lighting", type=FiniteRange(0), default=0.1, show_default=True,
               help="Std of AlexNet's PCA colour shift (0 turns it off).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compile", is_flag=True, help="torch.compile the model.")
@@ -91,6 +107,9 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
 
     if resume and rundir and rundir != resume:
         raise click.UsageError("--resume RUNDIR trains into RUNDIR; leave out -o or give the same folder")
+    if options["weights"] and options["init_from"]:
+        raise click.UsageError("--weights and --init-from are alternatives (fine-tune this spec's net, or start a "
+                               "deeper net from a shallower one's layers); give one")
     graph_name = _spec_name(spec, sets)
     rundir = resume or rundir or f"runs/{graph_name}"
     config = TrainConfig(spec=spec, sets=sets, rundir=rundir, **options)  # type: ignore[arg-type]
@@ -146,7 +165,8 @@ def data() -> None:
 
 @data.command(epilog=examples("vggspec data digits data/digits"))
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--size", type=click.IntRange(8), default=32, show_default=True, help="Side of the written images.")
+@click.option("--size", type=click.IntRange(8, MAX_DATA_SIZE), default=32, show_default=True,
+              help="Side of the written images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified 70/15/15 split.")
 @click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
 def digits(out: str, size: int, seed: int, force: bool) -> None:
@@ -162,7 +182,8 @@ def digits(out: str, size: int, seed: int, force: bool) -> None:
     "vggspec data scenes data/scenes --preview scenes.png",
     "vggspec data scenes data/easy --clutter 0.5 --min-digit 32"))
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--size", type=click.IntRange(16), default=96, show_default=True, help="Side of the written images.")
+@click.option("--size", type=click.IntRange(16, MAX_DATA_SIZE), default=96, show_default=True,
+              help="Side of the written images.")
 @click.option("--train", "n_train", type=click.IntRange(0), default=6000, show_default=True, help="Training images.")
 @click.option("--val", "n_val", type=click.IntRange(0), default=1000, show_default=True, help="Validation images.")
 @click.option("--test", "n_test", type=click.IntRange(0), default=2000, show_default=True, help="Test images.")
@@ -184,7 +205,6 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
     DIR/scenes.json records every digit's box. The same seed writes the same bytes. Example:
     `vggspec data scenes data/scenes --preview scenes.png`.
     """
-    from ..atomic import check_output_path
     from ..errors import DataError
     from ..train import scenes as gen
 
@@ -194,12 +214,25 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
     except DataError as exc:
         raise click.UsageError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
     if preview:
-        check_output_path(preview)  # before a minute of work, not after
+        _check_preview(preview, out)  # before a minute of work, not after
     counts = gen.write_scenes(out, size=size, counts=counts, digit_range=(min_digit, max_digit), seed=seed,
                               force=force, clutter=clutter)
     shown = f"; preview in {gen.preview(out, preview)}" if preview else ""
     listed = ", ".join(f"{k} {v}" for k, v in counts.items())
     click.echo(f"wrote {out}: {listed} images, {size}x{size} RGB, digits {min_digit}-{max_digit} px{shown}")
+
+
+def _check_preview(preview: str, out: str) -> None:
+    """The preview's folder must exist, unless it is DIR itself, which the command creates."""
+    from ..atomic import check_output_path
+    from ..errors import VggspecError
+
+    path, folder = Path(preview), Path(out)
+    if not folder.exists() and path.parent.absolute() == folder.absolute():
+        if path.name in ("", ".", ".."):
+            raise VggspecError("is a folder; give a file name", preview)
+        return
+    check_output_path(path)
 
 
 def register(main: click.Group) -> None:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from ..errors import VggspecError
+
+# The largest side `vggspec data digits|scenes` writes: 16 megapixels, well inside what vggspec.imaging
+# decodes; larger images of 8x8 scans only cost minutes and gigabytes. Here, free of numpy, for the CLI.
+MAX_DATA_SIZE = 4096
 
 # Options a resumed run may change: how it runs, not what it computes.
 RESUMABLE_OVERRIDES = ("epochs", "workers", "threads", "save_every", "compile", "progress", "data", "device")
@@ -44,6 +51,23 @@ class TrainConfig:
     lighting: float = 0.1
     device: str = "auto"
     progress: bool = True
+
+    def check(self) -> None:
+        """Refuse values torch would reject mid-setup (a raw ValueError) or take silently (a NaN), naming the
+        option; --weights and --init-from are two ways to start, so both at once is refused too."""
+        for option, value, ok, need in (
+            # 0 as torch allows (the weights stay as they start); the CLI asks for more than 0, as a typo is likelier.
+            ("--lr", self.lr, self.lr >= 0, "a learning rate above 0, e.g. 0.01 (0.001 to fine-tune)"),
+            ("--momentum", self.momentum, 0 <= self.momentum < 1, "a momentum from 0 to below 1, e.g. 0.9"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "a weight decay of 0 or more, e.g. 5e-4"),
+            ("--lighting", self.lighting, self.lighting >= 0, "a lighting std of 0 (off) or more, e.g. 0.1"),
+        ):
+            if not (math.isfinite(value) and ok):
+                raise VggspecError(f"{option} {value} is out of range", hint=f"use {need}")
+        if self.weights and self.init_from:
+            raise VggspecError("--weights and --init-from are alternatives: both say where the weights start",
+                               hint="--weights to fine-tune a net of this spec, --init-from to start a deeper net "
+                                    "from a shallower one's layers")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from ..imaging import ImageFolder, load_image, scan_image_folder
+from ..imaging import ImageFolder, class_folders, load_image, scan_image_folder
 
 # A split of the data folder is an ImageFolder: file paths, class indices, class names.
 Split = ImageFolder
@@ -32,18 +32,31 @@ def scan_split(root: Path, classes: tuple[str, ...] | None = None) -> Split:
     return split
 
 
-def scan_folder(data: str | Path, classes: int) -> tuple[Split, Split]:
-    """The train and val splits, checked against the spec's class count before any training."""
+def label_order(root: Path, labels: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The class order of a training folder: the spec's labels when every class folder is named after one
+    (output n is then label n, whatever the folders' sorted order); None (sorted folder names) otherwise."""
+    if not labels or not root.is_dir():
+        return None
+    found = class_folders(root)
+    return tuple(labels) if set(found) <= set(labels) else None
+
+
+def scan_folder(data: str | Path, classes: int, labels: tuple[str, ...] = ()) -> tuple[Split, Split]:
+    """The train and val splits, checked against the spec's class count before any training. With the
+    spec's `labels`, class folders named after them are put in the labels' order."""
     data = Path(data)
     if not data.is_dir():
         raise DataError("no such data folder", str(data))
-    train = scan_split(data / "train")
+    train = scan_split(data / "train", label_order(data / "train", labels))
     if len(train.classes) != classes:
         raise DataError(
             f"{len(train.classes)} class folders but the spec has {classes} classes", str(data / "train"),
             f"use --set classes={len(train.classes)}, or give one folder per class",
         )
     empty = [c for i, c in enumerate(train.classes) if i not in set(train.targets)]
+    if empty and not (data / "train" / empty[0]).is_dir():  # a label of the spec without its folder
+        raise DataError(f"no class folder for the spec's label '{empty[0]}'", str(data / "train"),
+                        "give one folder per label, named after it")
     if empty:
         raise DataError(f"class folder '{empty[0]}' holds no images", str(data / "train"))
     return train, scan_split(data / "val", train.classes)

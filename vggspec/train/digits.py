@@ -8,8 +8,23 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .config import MAX_DATA_SIZE
 
 SPLITS = ("train", "val", "test")
+def check_size(size: int, least: int) -> None:
+    """DataError when `size` (the side of the written images) is outside least..MAX_DATA_SIZE."""
+    if not least <= size <= MAX_DATA_SIZE:
+        raise DataError(f"image size {size} is outside {least}..{MAX_DATA_SIZE}",
+                        hint=f"use --size {least} to {MAX_DATA_SIZE}")
+
+
+def check_replaceable(existing: list[Path]) -> None:
+    """DataError when an old split that --force would replace is a link or a file: it is named, not followed
+    or half-removed (shutil.rmtree refuses links with a bare OSError)."""
+    for folder in existing:
+        if folder.is_symlink() or not folder.is_dir():
+            raise DataError("is not a folder (a symbolic link or a file); --force replaces only real split folders",
+                            str(folder), "remove it yourself, or write into another folder")
 
 
 def split_indices(targets: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
@@ -31,10 +46,12 @@ def write_digits(out: str | Path, size: int = 32, fractions: tuple[float, float,
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    check_size(size, 8)
     out = Path(out)
-    existing = [out / s for s in SPLITS if (out / s).exists()]
+    existing = [out / s for s in SPLITS if (out / s).exists() or (out / s).is_symlink()]
     if existing and not force:
         raise DataError("already holds a data set", str(existing[0]), "use --force to replace it, or another folder")
+    check_replaceable(existing)
     for folder in existing:
         shutil.rmtree(folder)
     digits = load_digits()

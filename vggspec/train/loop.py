@@ -8,6 +8,7 @@ on a non-finite loss.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -125,6 +126,7 @@ class Trainer:
         self.rundir = Path(config.rundir)
         self.state = self._resume_state(config, resume)  # the run to continue, or None
         self.config = self._settings(config, overrides)  # a resumed run keeps its own settings
+        self.config.check()  # lr, momentum, ...: named errors, not torch's ValueError mid-setup
         self._check_data()  # every input problem surfaces before a model is built
         self._prepare()  # threads, deterministic kernels, the seeds
         self.pre, self.lighting = self._statistics()  # the input's mean and the training set's colour PCA
@@ -171,10 +173,11 @@ class Trainer:
 
     def _check_data(self) -> None:
         c, w = self.config, self.world.size
-        self.train_split, self.val_split = scan_folder(c.data, self.graph.meta.classes)
+        self.train_split, self.val_split = scan_folder(c.data, self.graph.meta.classes, self.graph.meta.labels)
         self._check_classes()
+        self._note_labels()
         self.scale = c.scale or default_scale(self.graph)
-        check_scale(self.scale, self.graph.meta.input_shape[1:])
+        check_scale(self.scale, self.graph.meta.input_shape[1:], c.spec)
         if c.batch_size < 1 or c.accumulate < 1 or c.batch_size % (w * c.accumulate):
             raise VggspecError(f"batch size {c.batch_size} does not split into {w} process(es) x "
                                f"{c.accumulate} accumulation step(s)",
@@ -182,6 +185,40 @@ class Trainer:
         if len(self.train_split) < c.batch_size:
             raise DataError(f"the training set has {len(self.train_split)} images, fewer than one batch of "
                             f"{c.batch_size}", str(self.train_split.root), "use a smaller --batch-size")
+        self._check_batch_norm()
+
+    def _bn_values(self) -> int:
+        """How many values per channel a batch-norm layer with a 1 x 1 output normalises over in training:
+        the micro-batch, or under --sync-bn the micro-batches of all processes."""
+        c, w = self.config, self.world
+        micro = c.batch_size // (w.size * c.accumulate)
+        return micro * (w.size if c.sync_bn and w.distributed else 1)
+
+    def _check_batch_norm(self) -> None:
+        """torch refuses batch norm in training mode over a single value per channel (a 1 x 1 map, or a
+        vector, of one image): say so before training rather than fail at the first step."""
+        c = self.config
+        # Layers whose statistics are over the batch alone: a micro-batch of 1 makes them one value.
+        self.fragile_bn = [layer.name for layer in self.graph.layers
+                           if layer.op == "bn" and math.prod(layer.out_shape[1:]) == 1]
+        if self.fragile_bn and self._bn_values() == 1:
+            raise VggspecError(
+                f"batch norm layer {self.fragile_bn[0]} would normalise a single value per channel: its output is "
+                f"1 x 1 and each micro-batch holds 1 image ({c.batch_size} images / ({self.world.size} "
+                f"process(es) x {c.accumulate} accumulation step(s)))", c.spec,
+                "use a larger --batch-size or a smaller --accumulate (2 images or more per micro-batch), "
+                "or train with --set norm=none")
+
+    def _note_labels(self) -> None:
+        """The checkpoint's labels are the class folders' names, in training order. scan_folder ordered
+        the folders by the spec's labels when they are named after them; otherwise say that the names replace
+        the spec's labels (the counts agree: scan_folder checked them)."""
+        labels, names = self.graph.meta.labels, self.train_split.classes
+        if labels and tuple(labels) != tuple(names) and self.state is None and self.world.main:
+            warnings.warn(TrainingNote(
+                f"the class folders ({_quoted(list(names[:3]))}{', ...' if len(names) > 3 else ''}) are not named "
+                f"after the spec's labels ({_quoted(list(labels[:3]))}{', ...' if len(labels) > 3 else ''}); "
+                "the checkpoint's labels are the folder names, in sorted order"), stacklevel=2)
 
     def _check_classes(self) -> None:
         """A resumed run's data must hold the run's class folders: output n was trained on class n, and the
@@ -347,6 +384,9 @@ class Trainer:
         ddp, step_sums, t0 = self._ddp(), [0.0, 0.0, 0.0, 0.0], time.perf_counter()
         try:
             for i, (x, y, skipped) in enumerate(self._loader(dataset, sampler)):
+                if x is not None and len(y) == 1 and self.fragile_bn:
+                    # Skipped images left one: batch norm cannot train on it; skipped and counted too.
+                    x, y, skipped = None, None, skipped + 1
                 last_micro = (i + 1) % c.accumulate == 0
                 sync = nullcontext() if ddp is None or last_micro else ddp.no_sync()
                 with sync:
@@ -366,7 +406,8 @@ class Trainer:
             if self._ddp() is None:
                 return 0.0, 0.0, 0.0
             # DDP needs every rank in the gradient all-reduce: a zero-gradient backward keeps it in step.
-            x = torch.zeros((1, *self.graph.meta.input_shape), device=self.world.device)
+            # Two images: batch norm in training mode refuses a single value per channel.
+            x = torch.zeros((2, *self.graph.meta.input_shape), device=self.world.device)
             with self._autocast():
                 (self.net(x).float().sum() * 0).backward()
             return 0.0, 0.0, 0.0
@@ -402,39 +443,62 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and top-1 / top-5 error at the centre crop, summed over ranks."""
+        """Validation loss and top-1 / top-5 error at the centre crop over the images that could be used,
+        summed over ranks (the count and the skipped images too); DataError when none could."""
         self.model.eval()
         w, k = self.world, min(5, self.graph.meta.classes)
         batches = eval_batches(len(self.val_split), self.config.batch_size // self.config.accumulate, w.rank, w.size)
-        sums = [0.0, 0.0, 0.0, 0.0]
-        for x, y, _ in self._loader(self.val_set, batches):
+        loss, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0.0, 0.0
+        for x, y, bad in self._loader(self.val_set, batches):
+            skipped += bad
             if x is None:
                 continue
             x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.model(x).float()
             top = logits.topk(k, 1).indices
-            sums = [a + b for a, b in zip(sums, (F.cross_entropy(logits, y, reduction="sum").item(),
-                                                 float((top[:, 0] == y).sum()),
-                                                 float((top == y[:, None]).any(1).sum()), float(len(y))), strict=False)]
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            top1 += float((top[:, 0] == y).sum())
+            top5 += float((top == y[:, None]).any(1).sum())
+            n += len(y)
         self.model.train()
-        loss, top1, top5, n = D.all_sum(w, *sums)
-        n = max(n, 1)
-        return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n}
+        loss, top1, top5, n, skipped = D.all_sum(w, loss, top1, top5, n, skipped)  # every rank: the same totals
+        if n == 0:  # every rank raises: the totals are shared
+            raise DataError(f"no validation image could be used: all {int(skipped)} are unreadable or too large",
+                            str(self.val_split.root),
+                            "check the val/ images (vggspec predict on one says why it fails); the validation "
+                            "error drives the learning-rate schedule, so training needs it")
+        return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n,
+                "val_skipped": int(skipped)}
+
+    def _check_epoch(self) -> None:
+        """An epoch in which no training image could be used (all unreadable, or too large at --scale) took
+        no useful step: an error, not a checkpoint. The sums are already totals over the ranks."""
+        s = self.progress.sums
+        if s["count"] == 0:
+            raise DataError(f"no training image of epoch {self.progress.epoch + 1} could be used: all "
+                            f"{int(s['skipped'])} are unreadable or too large at the training scale",
+                            str(self.train_split.root),
+                            "check the train/ images (vggspec predict on one says why it fails) and --scale")
 
     def _end_epoch(self) -> dict[str, Any]:
         p = self.progress
+        self._check_epoch()
         val = self.evaluate()
         s = p.sums
+        val_skipped = val.pop("val_skipped")
         row = {"epoch": p.epoch + 1, "step": p.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": s["loss"] / max(s["count"], 1), "train_top1_err": 1 - s["correct"] / max(s["count"], 1),
                **val, "images_per_s": s["count"] / max(s["seconds"], 1e-9), "seconds": s["seconds"],
-               "skipped": int(s["skipped"])}
+               "skipped": int(s["skipped"]), "val_skipped": val_skipped}
         self.scheduler.step(1 - val["val_top1_err"])
         if self.world.main:
             if row["skipped"]:
                 warnings.warn(f"epoch {row['epoch']}: {row['skipped']} unreadable training images skipped",
                               stacklevel=2)
+            if val_skipped:
+                warnings.warn(f"epoch {row['epoch']}: {val_skipped} unreadable validation images skipped; the "
+                              "validation error is over the others", stacklevel=2)
             append_metrics(self.rundir, row)
             plot_metrics(self.rundir, read_metrics(self.rundir), self.graph.meta.name)
         self.progress = Progress(p.epoch + 1, 0, p.global_step)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_path, sweep_stale, temp_prefix
 from ..errors import DataError
-from .digits import SPLITS, split_indices
+from .digits import SPLITS, check_replaceable, check_size, split_indices
 
 VERSION = 1
 FRACTIONS = (0.6, 0.15, 0.25)
@@ -47,8 +47,7 @@ def load_scans() -> tuple[np.ndarray, np.ndarray]:
 def check_options(size: int, digit_range: tuple[int, int], counts: dict[str, int]) -> None:
     """Refuse settings that cannot make the promised images, before any file is written."""
     low, high = digit_range
-    if size < 16:
-        raise DataError(f"image size {size} is below 16", hint="use --size 16 or more")
+    check_size(size, 16)
     if not 8 <= low < high <= size:
         hint = f"need 8 <= --min-digit < --max-digit <= {size}"
         raise DataError(f"digit sizes {low}-{high} px do not fit", hint=hint)
@@ -348,9 +347,10 @@ def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None 
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     digit_range = (int(digit_range[0]), int(digit_range[1]))
     check_options(size, digit_range, counts)
-    existing = [out / s for s in SPLITS if (out / s).exists()]
+    existing = [out / s for s in SPLITS if (out / s).exists() or (out / s).is_symlink()]
     if existing and not force:
         raise DataError("already holds a data set", str(existing[0]), "use --force to replace it, or another folder")
+    check_replaceable(existing)  # before minutes of work, not when moving the result into place
     scans, targets = load_scans()
     out.mkdir(parents=True, exist_ok=True)
     sweep_stale(out / "scenes")  # a killed earlier run's half-written folder
