@@ -246,3 +246,8 @@ def test_combined_without_a_dense_form_gets_the_cli_hint(models, image):
     assert r.exit_code == 1 and "needs the network's fully convolutional form" in r.output
     assert "--dense-model M_DENSE.onnx" in r.output and "vggspec export --fully-conv" in r.output
     assert "fully_conv=True" not in r.output
+
+
+def test_an_empty_scales_option_is_a_usage_error_not_the_default(models, image):
+    r = _cli("predict", models["dense"], image, "--scales", "")
+    assert r.exit_code == 2 and "'' is not a test scale" in r.output

@@ -224,7 +224,8 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
     """
     from ..runtime.evaluate import IMAGE_ERRORS, FailureStreak, image_error
 
-    with _runner(models, [protocol] if protocol else [], [parse_scales(scales)] if scales else []) as runner:
+    scale_sets = [parse_scales(scales)] if scales is not None else []  # '' is an error, not the default
+    with _runner(models, [protocol] if protocol else [], scale_sets) as runner:
         proto = runner.protocols[0]
         heat_model = _heatmap_model(runner.members, heatmap)
         failed, streak = 0, FailureStreak()
