@@ -10,6 +10,7 @@ embedded preprocessing takes); `normalise` turns them into the network's float i
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -37,6 +38,16 @@ _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b
 # rescaled to Q=256 asks for 256,000,000 x 256 pixels. Decoding is bounded separately by Pillow's own
 # PIL.Image.MAX_IMAGE_PIXELS (load_image refuses anything over it).
 MAX_PIXELS = 64_000_000
+# The largest scale (the short side after rescaling): every image rescaled to it is at least that square.
+MAX_SCALE = math.isqrt(MAX_PIXELS)
+
+
+def scale_problem(side: int) -> str | None:
+    """Why rescaling every image's short side to `side` cannot work (over MAX_PIXELS), or None: training's
+    --scale and testing's --scales ask it before the first image, not once per image."""
+    if side > MAX_SCALE:
+        return f"makes every image at least {side} x {side} pixels, over the {MAX_PIXELS // 1_000_000}-megapixel limit"
+    return None
 
 
 def _pil() -> Any:

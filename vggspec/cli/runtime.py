@@ -222,23 +222,18 @@ def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, t
     others are still classified, and the exit status is 1 when any failed. A model that fails on
     eight images in a row stops the run with one error.
     """
-    from ..runtime.evaluate import IMAGE_ERRORS, FailureStreak, image_error
+    from ..runtime.evaluate import run_each
 
     scale_sets = [parse_scales(scales)] if scales is not None else []  # '' is an error, not the default
     with _runner(models, [protocol] if protocol else [], scale_sets) as runner:
         proto = runner.protocols[0]
         heat_model = _heatmap_model(runner.members, heatmap)
-        failed, streak = 0, FailureStreak()
-        used_names = _reserved_names(images, heatmap)
-        for image in images:
-            try:
-                posterior = runner.run(image)[proto]
-            except IMAGE_ERRORS as exc:  # this image only: the others are still classified
+        failed, used_names = 0, _reserved_names(images, heatmap)
+        for image, results in zip(images, run_each(runner, images, _error_line), strict=True):
+            if results is None:  # this image only (reported): the others are still classified
                 failed += 1
-                _error_line(image, image_error(exc))
-                streak.failed(exc)
                 continue
-            streak.succeeded()
+            posterior = results[proto]
             _print_prediction(image, posterior, top, proto, runner, as_json)
             if heat_model is not None:
                 _draw_heatmap(heat_model, image, proto, posterior, Path(heatmap), used_names)  # type: ignore

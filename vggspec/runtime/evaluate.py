@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,25 +144,38 @@ def write_predictions(report: Report, path: str | Path, classes: Sequence[str]) 
     return Path(path)
 
 
-def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
-             on_error: Callable[[str, str], None] | None = None,
-             on_step: Callable[[], None] | None = None) -> Report:
-    """Run every image; one that cannot be used or fails to run (IMAGE_ERRORS) is reported through `on_error`,
-    counted as failed, and the batch goes on, unless the model has failed FAILURE_STREAK times in a row."""
-    report = Report({p: Score() for p in runner.protocols})
+def run_each(runner: Runner, paths: Sequence[str | Path],
+             on_error: Callable[[str, str], None]) -> Iterator[dict[Protocol, np.ndarray] | None]:
+    """Each image's posteriors under every protocol, in order; None for one that cannot be used or fails to
+    run (IMAGE_ERRORS), after reporting it through `on_error`. The batch goes on, unless the model has failed
+    FAILURE_STREAK times in a row. The one per-image failure policy of predict and eval."""
     streak = FailureStreak()
-    start = time.perf_counter()
-    for path, target in items:
+    for path in paths:
         try:
             results = runner.run(path)
         except IMAGE_ERRORS as exc:
-            message = image_error(exc)
-            report.fail(str(path), message)
-            if on_error:
-                on_error(str(path), message)
+            on_error(str(path), image_error(exc))
             streak.failed(exc)
+            yield None
         else:
             streak.succeeded()
+            yield results
+
+
+def evaluate(runner: Runner, items: Sequence[tuple[Path, int]],
+             on_error: Callable[[str, str], None] | None = None,
+             on_step: Callable[[], None] | None = None) -> Report:
+    """Run every image (run_each); one that fails is reported through `on_error` and counted as failed."""
+    report = Report({p: Score() for p in runner.protocols})
+
+    def fail(path: str, message: str) -> None:
+        report.fail(path, message)
+        if on_error:
+            on_error(path, message)
+
+    start = time.perf_counter()
+    for (path, target), results in zip(items, run_each(runner, [p for p, _ in items], fail), strict=True):
+        if results is not None:
             report.add(str(path), target, results)
         if on_step:
             on_step()

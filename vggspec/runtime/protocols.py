@@ -18,7 +18,7 @@ import numpy as np
 
 from ..contract import key
 from ..errors import ModelError
-from ..imaging import MAX_PIXELS, grid_crops, load_image, mirror, rescale, to_array
+from ..imaging import MAX_SCALE, grid_crops, load_image, mirror, rescale, scale_problem, to_array
 from ..labels import check_same_labels
 from .preprocess import check_size, check_static_size, to_input
 from .session import Model
@@ -251,10 +251,8 @@ def _check_scales(scales: Iterable[int | None]) -> None:
     """A test scale whose Q x Q square is over imaging.MAX_PIXELS would fail every image one by one: say it
     once, before the loop."""
     for q in scales:
-        if q is not None and q * q > MAX_PIXELS:
-            raise ModelError(f"test scale Q={q} makes every image at least {q} x {q} pixels, over the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit",
-                             hint=f"use --scales of at most {int(MAX_PIXELS ** 0.5)}")
+        if q is not None and scale_problem(q):
+            raise ModelError(f"test scale Q={q} {scale_problem(q)}", hint=f"use --scales of at most {MAX_SCALE}")
 
 
 def top_k(posterior: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import VggspecError
-from ..imaging import MAX_PIXELS, center_crop, normalise, random_crop, rescale, to_array
+from ..imaging import MAX_SCALE, center_crop, normalise, random_crop, rescale, scale_problem, to_array
 from ..preprocessing import Preprocessing
 
 
@@ -91,17 +91,12 @@ def parse_scale(text: str | int | tuple[int, int]) -> tuple[int, int]:
     return lo, hi
 
 
-# The largest S: every image rescaled to S is at least S x S pixels, and imaging refuses more than MAX_PIXELS.
-MAX_SCALE = int(MAX_PIXELS ** 0.5)
-
-
 def check_scale(scale: tuple[int, int], crop: tuple[int, int], spec: str | None = None) -> None:
     """S is the smallest side after rescaling, so it must be at least the crop (S >= 224 in the paper), and
     at most MAX_SCALE, or every image would be skipped as too large and the run would learn nothing."""
     if scale[0] < max(crop):
         raise VggspecError(f"training scale {scale[0]} is smaller than the spec's input crop {crop[0]}x{crop[1]}",
                            spec, f"use --scale {max(crop)} or more (S is the short side before the crop)")
-    if scale[1] > MAX_SCALE:
-        raise VggspecError(f"training scale {scale[1]} makes every image at least {scale[1]} x {scale[1]} pixels, "
-                           f"over the {MAX_PIXELS // 1_000_000}-megapixel limit", spec,
+    if scale_problem(scale[1]):
+        raise VggspecError(f"training scale {scale[1]} {scale_problem(scale[1])}", spec,
                            f"use --scale of at most {MAX_SCALE}")
