@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import vggspec
+from vggspec.cli import main
 from vggspec.errors import DataError, SpecError
 from vggspec.labels import MAX_BYTES, check_label_count, read_labels
 
@@ -64,9 +66,54 @@ def test_devices_pipes_and_huge_files_are_refused_without_reading(tmp_path: Path
     with pytest.raises(DataError, match="MB"):
         read_labels(big)
     spec = tmp_path / "s.vgg"
-    spec.write_text("labels: /dev/zero\ninput: 32x32\nconv3-4 maxpool FC-2 soft-max\n")
+    spec.write_text("labels: pipe\ninput: 32x32\nconv3-4 maxpool FC-2 soft-max\n")
     with pytest.raises(SpecError, match="not a regular file"):
         vggspec.load_spec(spec)
+
+
+SPEC = "input: 32x32\nlabels: {}\nconv3-4 maxpool FC-2 soft-max\n"
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "/proc/self/environ", "../secret.txt", "sub/../../secret.txt",
+                                  "out", "out/secret.txt", "dev"])
+def test_a_specs_labels_stay_in_its_folder(tmp_path: Path, name: str) -> None:
+    # A shared spec must not carry another file's lines into a model's metadata as class names.
+    (tmp_path / "secret.txt").write_text("alpha\nbeta\n")
+    folder = tmp_path / "spec"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "out").symlink_to(tmp_path / "secret.txt")  # a link leading out, to a file or through a folder
+    if name == "out/secret.txt":
+        (folder / "out").unlink()
+        (folder / "out").symlink_to(tmp_path)
+    (folder / "dev").symlink_to("/dev/zero")
+    (folder / "s.vgg").write_text(SPEC.format(name))
+    with pytest.raises(SpecError) as info:
+        vggspec.load_spec(folder / "s.vgg")
+    message = info.value.format()
+    assert f"{folder / 's.vgg'}:2:9: error: labels file" in message, message
+    assert "absolute path" in message or "leads out of the spec's folder" in message
+    assert "hint:" in message and "alpha" not in message
+    result = CliRunner().invoke(main, ["summary", str(folder / "s.vgg")])
+    assert result.exit_code == 1 and "s.vgg:2:9: error: labels file" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_labels_inside_the_folder_through_links_and_on_the_command_line(tmp_path: Path) -> None:
+    folder = tmp_path / "linked"
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    folder.symlink_to(tmp_path / "real")  # the spec reached through a linked folder finds its own files
+    (tmp_path / "real" / "sub" / "l.txt").write_text("cat\ndog\n")
+    (tmp_path / "real" / "l.txt").symlink_to("sub/l.txt")  # a link that stays inside
+    for name in ("l.txt", "sub/l.txt", "sub/../l.txt", "./sub/l.txt"):
+        (folder / "s.vgg").write_text(SPEC.format(name))
+        assert vggspec.load_spec(folder / "s.vgg").meta.labels == ("cat", "dog")
+    # --set labels= is typed by the user: read where it is, and an error blames the --set, not the spec.
+    (tmp_path / "other.txt").write_text("emu\nyak\n")
+    graph = vggspec.load_spec(folder / "s.vgg", ["labels=" + str(tmp_path / "other.txt")])
+    assert graph.meta.labels == ("emu", "yak")
+    with pytest.raises(SpecError, match="not a regular file") as info:
+        vggspec.load_spec(folder / "s.vgg", ["labels=/dev/zero"])
+    assert info.value.format().startswith("<--set>:1:")
 
 
 def test_empty_and_bad_json(tmp_path: Path) -> None:

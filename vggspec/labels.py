@@ -5,6 +5,11 @@ ever checked by its count: a blank line dropped in the middle, or a label given 
 classes and every number computed with the file is silently wrong. Blank lines after the last label (and
 the final newline) are fine, as is space around a label. Only regular files of a sane size are opened:
 a device or a pipe given by mistake must not read forever or block.
+
+A spec's `labels:` is confined to the spec's own folder and below (`spec_labels`): a spec is a file people
+share, and whatever file it names ends up as class names in the ONNX metadata, checkpoints and `predict`'s
+output, so `labels: /proc/self/environ` or `../../.ssh/id_rsa` would carry that file's lines away. A file
+named on the command line (`--labels`, `--set labels=`) is the user's own choice and is read where it is.
 """
 
 from __future__ import annotations
@@ -40,6 +45,30 @@ def read_labels(path: str | Path) -> tuple[str, ...]:
     if not labels:
         raise DataError("the label file is empty", str(path))
     return labels
+
+
+def spec_labels(folder: str | Path, name: str) -> tuple[str, ...]:
+    """The labels of a spec's `labels: NAME`, read from the spec's `folder` or below; a DataError when NAME is
+    absolute or leads out of the folder (through `..` or a symbolic link), or is not a readable label file."""
+    return read_labels(confined_path(folder, name))
+
+
+def confined_path(folder: str | Path, name: str) -> Path:
+    """`folder/name` with every link resolved, checked to lie inside `folder` (itself resolved, so a spec
+    reached through a linked folder still finds its own files). The resolved path is what gets opened:
+    a link swapped between this check and the read cannot lead out."""
+    hint = "name a label file in the spec's folder or below (e.g. labels: labels.txt), or give --labels FILE"
+    if Path(name).is_absolute():
+        raise DataError("is an absolute path; a spec's labels file must be in the spec's folder or below",
+                        name, hint)
+    try:
+        root = Path(folder).resolve(strict=True)
+        path = (root / name).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a link loop, no permission: read_labels says which
+        return Path(folder) / name
+    if not path.is_relative_to(root):
+        raise DataError(f"leads out of the spec's folder {root} (to {path})", name, hint)
+    return path
 
 
 def check_label_count(labels: Sequence[str], classes: int, path: str | Path) -> None:

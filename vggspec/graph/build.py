@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from ..errors import DataError
-from ..labels import read_labels
+from ..labels import read_labels, spec_labels
 from ..preprocessing import Preprocessing
 from ..spec import DiagnosticSink, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
@@ -192,7 +192,8 @@ def _check_size(layers: list[Layer], sink: DiagnosticSink) -> None:
 
 
 def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[str, ...]:
-    """The `labels:` file, one label per line, relative to the spec's folder."""
+    """The `labels:` file, one label per line, relative to the spec's folder and confined to it; one given by
+    --set is the user's own choice, read where it is (relative to the current folder)."""
     entry = tree.entries.get("labels")
     if entry is None or not tree.header or not tree.header.labels:
         return ()
@@ -202,7 +203,7 @@ def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[st
     target = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides)) if entry.origin == OVERRIDE_PATH else sink
     labels: tuple[str, ...] = ()
     try:
-        labels = read_labels(path)
+        labels = read_labels(path) if target is not sink else spec_labels(base, tree.header.labels)
     except DataError as exc:
         target.error(entry.value_span, f"labels file {path}: {exc.message}", exc.hint)
     if labels and classes and len(labels) != classes:
