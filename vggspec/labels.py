@@ -57,7 +57,8 @@ def confined_path(folder: str | Path, name: str) -> Path:
     """`folder/name` with every link resolved, checked to lie inside `folder` (itself resolved, so a spec
     reached through a linked folder still finds its own files). The resolved path is what gets opened:
     a link swapped between this check and the read cannot lead out."""
-    hint = "name a label file in the spec's folder or below (e.g. labels: labels.txt), or give --labels FILE"
+    hint = ("name a label file in the spec's folder or below (labels: labels.txt), or one of yours on the command "
+            "line (--set labels=FILE)")
     if Path(name).is_absolute():
         raise DataError("is an absolute path; a spec's labels file must be in the spec's folder or below",
                         name, hint)
