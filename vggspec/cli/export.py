@@ -5,6 +5,8 @@ Neither torch nor onnxruntime is imported here at import time (onnxruntime only 
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +28,8 @@ def _size(path: Path) -> str:
 @click.command(epilog=examples(
     "vggspec export D --weights d.safetensors -o d.onnx",
     "vggspec export --weights d.safetensors --fully-conv --flip --scores -o d_dense.onnx",
-    "vggspec export D --weights d.safetensors --precision int8 --calibration calib/ -o d_int8.onnx"))
+    "vggspec export D --weights d.safetensors --precision int8 --calibration calib/ -o d_int8.onnx",
+    "vggspec export --weights d.safetensors --fully-conv --scores --triton-repo models/ --triton-name d_dense"))
 @click.argument("spec", metavar="[SPEC]", required=False)
 @click.option("--weights", metavar="CKPT", type=click.Path(dir_okay=False),
               help="A vggspec checkpoint (.safetensors); its preprocessing and labels go into the metadata. "
@@ -47,11 +50,22 @@ def _size(path: Path) -> str:
               help="Fix every input and output dimension, e.g. 1x384x512 (edge compilers, tract, TensorRT).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initialisation when there is no --weights.")
-@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The file to write (atomically).")
+@click.option("-o", "--output", metavar="OUT.onnx", help="The file to write (atomically). Needed unless --triton-repo.")
+@click.option("--triton-repo", metavar="DIR", type=click.Path(file_okay=False),
+              help="Also (or instead) write a Triton model repository entry: DIR/NAME/1/model.onnx, "
+                   "DIR/NAME/config.pbtxt and DIR/NAME/labels.txt, complete or not at all.")
+@click.option("--triton-name", metavar="NAME",
+              help="The model's folder and name in --triton-repo (default: the spec's name).")
+@click.option("--max-batch", type=click.IntRange(min=0), default=None, metavar="N",
+              help="With --triton-repo: Triton's max_batch_size (default 8; 0 for a fixed batch axis).")
+@click.option("--max-delay-us", type=click.IntRange(min=0), default=None, metavar="US",
+              help="With --triton-repo: the dynamic batcher's max_queue_delay_microseconds (default 5000).")
+@click.option("--force", is_flag=True, help="With --triton-repo: replace a model folder of that name.")
 @set_option
 def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, scores: bool, precision: str,
            calibration: str | None, embed_preprocessing: bool, opset: int | None, static_shape: tuple | None,
-           seed: int, output: str, sets: tuple[str, ...]) -> None:
+           seed: int, output: str | None, triton_repo: str | None, triton_name: str | None, max_batch: int | None,
+           max_delay_us: int | None, force: bool, sets: tuple[str, ...]) -> None:
     """Compile SPEC to an ONNX model for onnxruntime, without torch.
 
     Node and initializer names are the spec's layer names (conv1_1, fc6, ...). The metadata
@@ -59,18 +73,61 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
     """
     from ..backends.onnx import DEFAULT_OPSET, ExportOptions, export_onnx
 
+    triton = _triton_options(triton_repo, triton_name, max_batch, max_delay_us, force)
+    if output is None and triton is None:
+        raise click.UsageError("give -o OUT.onnx, --triton-repo DIR, or both")
     check_output(output, ("SPEC", spec), ("--weights", weights))
     graph, tensors, metadata = _graph_and_weights(spec, weights, sets)
     opset = DEFAULT_OPSET if opset is None else opset
     options = ExportOptions(fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
                             calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed,
                             static_shape=static_shape, **metadata)
-    export_onnx(graph, output, weights=tensors, options=options)
+    if output is not None:
+        export_onnx(graph, output, weights=tensors, options=options)
+    if triton is not None:
+        folder = _write_triton(triton, triton_name or graph.meta.name, output,
+                               lambda path: export_onnx(graph, path, weights=tensors, options=options))
+        click.echo(f"wrote {folder} (Triton model repository entry: 1/model.onnx, config.pbtxt)")
+    if output is None:
+        return
     traits = [("fully convolutional", fully_conv), ("flips in-graph", flip), ("score map output", scores),
               ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing),
               (f"static shape {'x'.join(map(str, static_shape or ()))}", static_shape is not None)]
     form = "".join(f", {name}" for name, on in traits if on)
     click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {opset}, {precision}{form})")
+
+
+def _triton_options(repo: str | None, name: str | None, max_batch: int | None, delay_us: int | None,
+                    force: bool) -> tuple | None:
+    """(repo, TritonOptions, force), None without --triton-repo; its options without it are refused, not ignored."""
+    if repo is None:
+        given = [o for o, v in (("--triton-name", name), ("--max-batch", max_batch), ("--max-delay-us", delay_us),
+                                ("--force", force or None)) if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: for --triton-repo DIR, which is not given")
+        return None
+    from ..backends.triton import DEFAULT_DELAY_US, DEFAULT_MAX_BATCH, TritonOptions
+
+    options = TritonOptions(DEFAULT_MAX_BATCH if max_batch is None else max_batch,
+                            DEFAULT_DELAY_US if delay_us is None else delay_us)
+    return repo, options, force
+
+
+def _write_triton(triton: tuple, name: str, output: str | None, export_to: Callable[[Path], object]) -> Path:
+    """The repository entry: the model exported into it, or, when -o was written, a copy of that file."""
+    from ..backends.triton import write_repository
+
+    def copy_output(path: Path) -> None:  # external data keeps its name: the model refers to it by name
+        import onnx
+
+        model = onnx.load(str(output), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            data = Path(f"{output}.data")
+            shutil.copyfile(data, path.parent / data.name)
+        shutil.copyfile(output, path)
+
+    repo, options, force = triton
+    return write_repository(repo, name, copy_output if output else export_to, options, force)
 
 
 def _static(text: str | None) -> tuple[int, int, int] | None:
