@@ -538,3 +538,175 @@ def test_a_one_cell_score_map_gets_a_note_not_a_picture(tmp_path, image):
     assert result.exit_code == 0, result.output
     assert "no heat map: at Q=3 the score map has 1 x 2 cell(s)" in result.output and "1. " in result.output
     assert not list((tmp_path / "heat").iterdir())
+
+
+# ---------------------------------------------------------------- outputs against the metadata, limits per image
+
+
+def _edited(source: Path, path: Path, edit) -> Path:
+    """A copy of a conv_model with its graph changed by `edit(model)` (shape inference left to onnxruntime)."""
+    model = onnx.load(str(source))
+    edit(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _set_output(model, name: str, elem_type: int, dims: list) -> None:
+    out = next(o for o in model.graph.output if o.name == name)
+    out.CopyFrom(helper.make_tensor_value_info(name, elem_type, dims))
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from vggspec.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_outputs_that_contradict_the_metadata_are_refused_at_load(models, tmp_path):
+    three = {"vggspec.classes": "3", "vggspec.labels": json.dumps(["a", "b", "c"])}
+    with pytest.raises(ModelError, match="output 'probs' has 4 classes, the metadata says 3"):
+        Model(conv_model(tmp_path / "wide.onnx", extra_meta=three))
+
+    def argmax(model):  # class indices where posteriors belong
+        model.graph.node[-1].CopyFrom(helper.make_node("ArgMax", ["flat"], ["probs"], axis=1))
+        _set_output(model, "probs", TensorProto.INT64, ["N", 1])
+    with pytest.raises(ModelError, match=r"output 'probs' is tensor\(int64\); expected float"):
+        Model(_edited(models["dense"], tmp_path / "argmax.onnx", argmax))
+
+    with pytest.raises(ModelError, match="output 'scores' has 3 classes, the metadata says 4"):
+        Model(_edited(models["dense"], tmp_path / "narrow.onnx", lambda m: _narrow_scores(m, 3)))
+
+
+def _narrow_scores(model, width: int | str) -> None:
+    """The score map sliced to 3 classes beside 4 posteriors; its width declared as `width`."""
+    model.graph.node[0].output[0] = "full"
+    model.graph.node[1].input[0] = "full"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), n)
+                                    for n, v in (("s0", [0]), ("s1", [3]), ("ax", [1]))])
+    model.graph.node.append(helper.make_node("Slice", ["full", "s0", "s1", "ax"], ["scores"]))
+    _set_output(model, "scores", TensorProto.FLOAT, ["N", width, "h", "w"])
+
+
+def test_a_dynamic_width_is_checked_on_the_first_run_and_stops_eval(models, tmp_path, image):
+    three = {"vggspec.classes": "3", "vggspec.labels": json.dumps(["a", "b", "c"])}
+    model = _edited(conv_model(tmp_path / "w.onnx", extra_meta=three), tmp_path / "dyn.onnx",
+                    lambda m: _set_output(m, "probs", TensorProto.FLOAT, ["N", "C"]))
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.open(image).save(tmp_path / "data" / name / f"{i}.png")
+    result = _cli("eval", model, "--data", tmp_path / "data")
+    assert result.exit_code == 1, result.output
+    assert "output 'probs' has 4 classes, the metadata says 3" in result.output
+    assert result.output.count("error:") == 1 and "internal" not in result.output
+
+
+def test_members_of_different_widths_are_refused(models, tmp_path, image):
+    three = {"vggspec.classes": "3", "vggspec.labels": json.dumps(["a", "b", "c"])}
+    other = _edited(conv_model(tmp_path / "w3.onnx", extra_meta=three), tmp_path / "m3.onnx",
+                    lambda m: _set_output(m, "probs", TensorProto.FLOAT, ["N", "C"]))
+    result = _cli("predict", models["dense"], image, "--ensemble", other)
+    assert result.exit_code == 1 and "classes" in result.output and "internal" not in result.output, result.output
+    # Without metadata, only the graphs' widths tell: the static one at load, the dynamic one at the first run.
+    bare3 = _edited(conv_model(tmp_path / "b3.onnx", meta=False, softmax=False), tmp_path / "bare3.onnx",
+                    lambda m: _set_output(m, "probs", TensorProto.FLOAT, ["N", "C"]))
+    size = ["--size", "8x8", "--mean", "0.5", "--std", "0.25"]
+    result = _cli("predict", models["bare"], image, "--ensemble", bare3, *size)
+    assert result.exit_code == 0, result.output  # same widths: fine
+    five = _edited(bare3, tmp_path / "bare5.onnx", lambda m: m.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.ones((5, 3, 3, 3), np.float32), "W")) or m.graph.initializer[1].CopyFrom(
+        numpy_helper.from_array(np.zeros(5, np.float32), "B")))
+    result = _cli("predict", models["bare"], image, "--ensemble", five, *size)
+    assert result.exit_code == 1 and "disagree on the number of classes" in result.output, result.output
+    assert "internal" not in result.output
+
+
+def test_fuse_refuses_members_of_different_widths(models, tmp_path):
+    def five(model):
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((5, 3, 3, 3), np.float32), "W"))
+        model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros(5, np.float32), "B"))
+        _set_output(model, "probs", TensorProto.FLOAT, ["N", "C"])
+        _set_output(model, "scores", TensorProto.FLOAT, ["N", "C", "h", "w"])
+    wide = _edited(models["dense2"], tmp_path / "five.onnx", five)
+    with pytest.raises(ModelError, match="5 classes"):
+        fuse([models["dense"], wide], tmp_path / "fused.onnx")
+    assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_heatmap_with_a_narrower_score_map_is_a_clear_error(models, tmp_path, image):
+    model = _edited(models["dense"], tmp_path / "slice.onnx", lambda m: _narrow_scores(m, "c"))
+    result = _cli("predict", model, image, "--scales", "16", "--heatmap", tmp_path / "heat")
+    assert result.exit_code == 1, result.output
+    assert "output 'scores' has 3 classes" in result.output and "internal" not in result.output
+
+
+def test_memory_per_image_counts_the_networks_activations(models, tmp_path, image):
+    from vggspec.runtime.memory import graph_floats_per_pixel
+
+    # conv 3 -> 4 channels at stride 1: 7 floats per input pixel at the peak
+    assert graph_floats_per_pixel(onnx.load(str(models["dense"])).graph) == 7
+    strip = tmp_path / "strip.png"  # 1 x 200,000: 51 megapixels at Q=16, under the pixel limit
+    Image.new("RGB", (200_000, 1), (9, 9, 9)).save(strip)
+    import time
+
+    start = time.perf_counter()
+    result = _cli("predict", models["dense"], strip, image, "--scales", "16")
+    assert time.perf_counter() - start < 20
+    assert result.exit_code == 1, result.output
+    assert f"{strip}: error: a dense pass at 16x3200000 needs about 4.1 GB" in result.output
+    assert "over the 1.5 GB limit (--max-memory raises it" in result.output
+    assert f"{image}  (dense" in result.output  # the rest of the batch goes on
+    # The limit is an option: a small one refuses a normal image too; a bad value is a usage error.
+    result = _cli("predict", models["dense"], image, "--scales", "256", "--max-memory", "1M")
+    assert result.exit_code == 1 and "over the 1 MB limit" in result.output, result.output
+    assert _cli("predict", models["dense"], image, "--max-memory", "lots").exit_code == 2
+
+
+def _endless(model) -> None:
+    """posteriors through a Loop whose condition never turns false (and no trip count)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "forever"))
+    softmax = model.graph.node[-1]
+    softmax.input[0] = "looped"
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            helper.make_node("Loop", ["", "forever", "flat"], ["looped"], body=body))
+
+
+def test_a_model_that_never_ends_is_stopped_naming_the_image(models, tmp_path, image):
+    import time
+
+    model = _edited(models["dense"], tmp_path / "endless.onnx", _endless)
+    start = time.perf_counter()
+    result = _cli("predict", model, image, "--timeout-per-image", "1")
+    assert time.perf_counter() - start < 30
+    assert result.exit_code == 1, result.output
+    assert f"{image}: error: stopped after 1 s" in result.output and "--timeout-per-image" in result.output
+
+
+def test_eval_csv_cells_and_terminal_output_are_neutralised(tmp_path, image):
+    import csv
+
+    labels = ["=cmd|' -C calc'!A0", "+dog", "-eel", "@fox"]
+    model = conv_model(tmp_path / "m.onnx", extra_meta={"vggspec.labels": json.dumps(labels)})
+    for name in labels:
+        (tmp_path / "data" / name).mkdir(parents=True)
+    evil = tmp_path / "data" / labels[0] / "-x\x1b[31mred\rforged.png"
+    Image.open(image).save(evil, format="PNG")
+    result = _cli("eval", model, "--data", tmp_path / "data", "--predictions", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert rows[1][1] == "'" + labels[0] and all(cell[0] not in "=+-@" for row in rows[1:] for cell in row)
+    result = _cli("predict", model, evil, "--top", "4")
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\r" not in result.output
+    assert "\\x1b[31mred\\x0dforged.png" in result.output and "=cmd" in result.output
+    (tmp_path / "bad\x1b[2J.png").write_bytes(b"not an image")
+    result = _cli("predict", model, tmp_path / "bad\x1b[2J.png")
+    assert result.exit_code == 1 and "\x1b" not in result.output and "bad\\x1b[2J.png: error:" in result.output

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ..display import terminal
 from ..errors import PassError, SpecError, VggspecError
 
 if TYPE_CHECKING:
@@ -30,18 +35,45 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's time limit, torchrun stopping its workers): unwound like Ctrl-C, so every
+    `finally` runs: temporaries and a checkpoint's exported models are removed, a training run leaves its group."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM raises Terminated; a second one during the clean-up is ignored, so the
+    clean-up finishes (SIGKILL still stops the process). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class ErrorHandlingGroup(click.Group):
     """Turns library errors into `path:line:col: error:` messages and exit codes, never tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except SpecError as exc:
-            fail(exc.format(), 1)
+            fail(terminal(exc.format(), keep_newlines=True), 1)
         except VggspecError as exc:
-            fail(exc.format(), 1)
+            fail(error_text(exc), 1)
         except PassError as exc:
             fail(f"error: {exc}", 1)
+        except Terminated:
+            fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except MemoryError:
@@ -58,6 +90,14 @@ class ErrorHandlingGroup(click.Group):
             raise
         except Exception as exc:  # a bug of ours: say so in one line; VGGSPEC_DEBUG=1 shows the trace
             _internal(exc)
+
+
+def error_text(exc: VggspecError) -> str:
+    """VggspecError.format() with its path, message and hint escaped for the terminal (display.terminal):
+    they quote file and class names, which may hold control characters."""
+    where = f"{terminal(exc.path)}: " if exc.path else ""
+    text = f"{where}error: {terminal(exc.message)}"
+    return f"{text}\n  hint: {terminal(exc.hint)}" if exc.hint else text
 
 
 def _internal(exc: Exception) -> None:
@@ -118,6 +158,16 @@ def check_side(sides: tuple[int, ...], value: str) -> None:
 
     if max(sides) > MAX_SIDE:
         raise click.BadParameter(f"'{value}' is larger than {MAX_SIDE} on a side")
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf too: nan compares false with both ends, so a plain range takes it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def examples(*lines: str) -> str:

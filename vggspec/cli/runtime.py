@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .common import examples, fail, parse_hw
+from ..display import terminal
+from .common import FiniteRange, examples, fail, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
@@ -87,7 +88,18 @@ def _overrides(size: str | None, mean: str | None, std: str | None, scale: float
 OVERRIDES = ("Needed for a model without vggspec metadata; for one with it, replaces the model's own value "
              "(with a note on stderr).")
 MODEL_FLAGS = ("dense_model", "crop_model", "ensemble", "flip", "device", "threads", "batch_size", "labels", "size",
-               "mean", "std", "scale")
+               "mean", "std", "scale", "max_memory", "timeout_per_image")
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from ..runtime.memory import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def model_options(f: F) -> F:
@@ -101,8 +113,9 @@ def model_options(f: F) -> F:
         click.option("--ensemble", "ensemble", multiple=True, metavar="M.onnx",
                      help="Another model whose posteriors are averaged in (ConvNet fusion); repeat, "
                           "or comma-separate."),
-        click.option("--flip/--no-flip", default=True, show_default=True,
-                     help="Average with the mirror image (dense), or add the crops' mirrors (multi-crop: 50 crops)."),
+        click.option("--flip/--no-flip", default=None,
+                     help="Average with the mirror image (dense), or add the crops' mirrors (multi-crop: 50 crops). "
+                          "Default: as the model says (trained with flips or not), else flip."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
                      show_default=True, help="auto: the first of TensorRT, CUDA, CPU that initialises; "
                                              "cuda/tensorrt fail rather than fall back."),
@@ -116,6 +129,12 @@ def model_options(f: F) -> F:
         click.option("--std", metavar="S1,S2,S3", help=f"Per-channel std, positive. {OVERRIDES}"),
         click.option("--scale", type=float, metavar="X",
                      help=f"Pixel scale before mean/std (default: the model's, else 1/255). {OVERRIDES}"),
+        click.option("--max-memory", metavar="SIZE", callback=_memory,
+                     help="Memory one image's dense pass may take, counting the network's activations at that size "
+                          "(e.g. 4G); larger images are refused one by one. Default 1.5G."),
+        click.option("--timeout-per-image", type=FiniteRange(0, 86400, min_open=True), default=300,
+                     show_default=True, metavar="SECONDS",
+                     help="Stop a model run that takes longer, naming the image."),
     ]
 
     @functools.wraps(f)
@@ -131,10 +150,13 @@ def model_options(f: F) -> F:
 
 def _model_options(model: str, flags: dict[str, Any]) -> ModelOptions:
     from ..runtime.members import ModelOptions
+    from ..runtime.session import Limits
 
     labels = flags.pop("labels")
     overrides = _overrides(flags.pop("size"), flags.pop("mean"), flags.pop("std"), flags.pop("scale"), labels)
-    return ModelOptions(model=model, overrides=overrides, labels_file=labels, **flags)
+    memory, seconds = flags.pop("max_memory"), flags.pop("timeout_per_image")
+    limits = Limits(seconds=seconds) if memory is None else Limits(memory, seconds)
+    return ModelOptions(model=model, overrides=overrides, labels_file=labels, limits=limits, **flags)
 
 
 def _export_checkpoint(checkpoint: str, folder: Path) -> Any:
@@ -153,24 +175,28 @@ def _runner(models: ModelOptions, protocols: Sequence[str], scale_sets: Sequence
     from ..runtime.members import open_runner
 
     with open_runner(models, protocols, scale_sets, _export_checkpoint) as runner:
-        for note in _notes(runner, models):
-            click.echo(f"note: {note}", err=True)
+        for note in _notes(runner, models, bool(scale_sets)):
+            click.echo(f"note: {terminal(note)}", err=True)
         yield runner
 
 
-def _notes(runner: Runner, opts: ModelOptions) -> list[str]:
-    """--size/--mean/--std/--scale replacing a vggspec model's own values (deliberate or not, results
-    change), and --no-flip that a graph flipping itself cannot follow."""
-    notes = []
+def _notes(runner: Runner, opts: ModelOptions, scales_given: bool = False) -> list[str]:
+    """The test scales and flip taken from the models, --size/--mean/--std/--scale replacing a vggspec model's
+    own values (deliberate or not, results change), and no flip that a graph flipping itself cannot follow."""
+    from ..runtime.protocols import defaults_note
+
+    own = defaults_note([m for mem in runner.members for m in mem.models], scales_given, opts.flip is not None)
+    notes = [own] if own else []
     changed = [m for mem in runner.members for m in mem.models if m.info.overridden]
     if changed:
         keys = list(dict.fromkeys(k for m in changed for k in m.info.overridden))
         verb = "replaces its value" if len(keys) == 1 else "replace their values"
         notes.append(f"{', '.join('--' + k for k in keys)} {verb} in the vggspec metadata of {_names(changed)}")
     flipping = [m for m in _used(runner, runner.protocols) if m.info.flip]
-    if not opts.flip and flipping:
+    if flipping and not all(p.flip for p in runner.protocols):
+        asked = "--no-flip" if opts.flip is False else "the model's own test flip (none)"
         notes.append(f"{_names(flipping)}: the graph averages each image with its mirror itself (exported with "
-                     "--flip); --no-flip cannot undo that, so these results are flipped")
+                     f"--flip); {asked} cannot undo that, so these results are flipped")
     return notes
 
 
@@ -189,7 +215,7 @@ def _flip_note(protocol: Protocol, runner: Runner) -> bool:
 
 
 def _error_line(path: str, message: str) -> None:
-    click.echo(f"{path}: error: {message}", err=True)
+    click.echo(f"{terminal(path)}: error: {terminal(message)}", err=True)
 
 
 # ---------------------------------------------------------------- predict
@@ -205,7 +231,7 @@ def _error_line(path: str, message: str) -> None:
                    "Default: dense for a fully convolutional model, else multi-crop.")
 @click.option("--scales", metavar="Q1,Q2,...", default=None,
               help="Test scales (smallest image side), e.g. 256,384,512; `native`: no rescaling (dense). "
-                   "Default: the model's input side.")
+                   "Default: the model's own test scales (from its training scales), else its input side.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @click.option("--heatmap", metavar="DIR", type=click.Path(file_okay=False),
@@ -257,9 +283,9 @@ def _print_prediction(image: str, posterior: Any, top: int, proto: Protocol, run
         }))
         return
     flip = ", flip" if _flip_note(proto, runner) else ""
-    click.echo(f"{image}  ({proto.name}, Q={proto.scales_text}{flip}, {runner.provider})")
+    click.echo(f"{terminal(image)}  ({proto.name}, Q={proto.scales_text}{flip}, {runner.provider})")
     for rank, (i, p) in enumerate(best, 1):
-        click.echo(f"  {rank}. {info.label(i):<24} {p:.4f}")
+        click.echo(f"  {rank}. {terminal(info.label(i)):<24} {p:.4f}")
 
 
 def _heatmap_model(members: list[Member], heatmap: str | None) -> Model | None:
@@ -291,6 +317,7 @@ def _reserved_names(images: tuple[str, ...], heatmap: str | None) -> set[str]:
 def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, folder: Path, used: set[str]) -> None:
     from ..runtime import heatmap, top_k
     from ..runtime.evaluate import IMAGE_ERRORS, image_error
+    from ..runtime.session import ModelOutputError
 
     index, prob = top_k(posterior, 1)[0]
     name = Path(image).stem
@@ -302,10 +329,13 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
     q = max((q for q in proto.scales if q is not None), default=None)
     try:
         written = heatmap(model, image, q, index, folder / f"{stem}.png", prob)
+    except ModelOutputError:  # a score map that does not match the posteriors: no image would do better
+        raise
     except IMAGE_ERRORS as exc:  # the prediction stands; only its picture is missing
-        click.echo(f"{image}: note: {image_error(exc)}", err=True)
+        click.echo(f"{terminal(image)}: note: {terminal(image_error(exc))}", err=True)
         return
-    click.echo(f"heat map of {image}: {written}", err=True)  # stderr: --json output stays one object per line
+    # stderr: --json output stays one object per line
+    click.echo(f"heat map of {terminal(image)}: {terminal(written)}", err=True)
 
 
 # ---------------------------------------------------------------- eval
@@ -323,7 +353,8 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
                    "else multi-crop.")
 @click.option("--scales", "scale_sets", metavar="Q1,Q2,...", multiple=True,
               help="A set of test scales; repeat for several rows (Tables 3-4), "
-                   "e.g. --scales 256 --scales 256,384,512.")
+                   "e.g. --scales 256 --scales 256,384,512. Default: the model's own test scales (from its "
+                   "training scales), else its input side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--predictions", metavar="FILE.csv", default=None,
               help="Also write each image's true class and top-1 class under every row, one CSV line per image.")
@@ -336,27 +367,28 @@ def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...],
     """Top-1 and top-5 error of MODEL (.onnx, or a .safetensors checkpoint: both forms) over a labelled image
     folder, one row per protocol and scale set."""
     if predictions:
-        from ..atomic import check_output_path
+        from ..atomic import check_output_path, check_writable
 
         check_output_path(predictions, models.inputs())  # before the evaluation, not after it
+        check_writable(predictions)  # a folder that cannot be written to: now, not after the evaluation
     if ray_address is not None:
         import ray  # noqa: F401  (before any work: a missing extra names what to install)
     with _runner(models, protocols, [parse_scales(s) for s in scale_sets]) as runner:
         items, classes = _dataset(data, runner)
         _check_not_an_image(predictions, items)
         report = _run_eval(runner, items, ray_address, models)
-    if predictions:
-        from ..runtime.evaluate import write_predictions
-
-        write_predictions(report, predictions, classes)
     if as_json:
         click.echo(json.dumps(report.to_dict() | {
             "models": _model_names(runner), "data": data,
             "classes": len(classes), "provider": runner.provider}))
     elif report.images:
         _print_table(report, runner, data, len(classes), len(items))
+    if predictions:  # after the report: a CSV that cannot be written (a full disk) is its own error, losing nothing
+        from ..runtime.evaluate import write_predictions
+
+        write_predictions(report, predictions, classes)
     if not report.images:
-        fail(f"{data}: error: none of the {len(items)} images could be evaluated (each is named above)")
+        fail(f"{terminal(data)}: error: none of the {len(items)} images could be evaluated (each is named above)")
     if report.failed:
         click.echo(f"{len(report.failed)} of {len(items)} images failed", err=True)
         sys.exit(1)
@@ -403,18 +435,19 @@ def _run_eval(runner: Runner, items: list, ray_address: str | None, models: Mode
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(items))
-        return run(runner, items, on_error=lambda p, m: console.print(f"{p}: error: {m}", markup=False),
+        return run(runner, items, on_error=lambda p, m: console.print(f"{terminal(p)}: error: {terminal(m)}",
+                                                                      markup=False),
                    on_step=lambda: bar.advance(task))
 
 
 def _print_table(report: Report, runner: Runner, data: str, classes: int, total: int) -> None:
     """Rows shaped like the paper's Tables 3-5: config, evaluation method, test scales, top-1/top-5 error."""
-    config = "+".join(mem.models[0].info.name for mem in runner.members)
+    config = terminal("+".join(mem.models[0].info.name for mem in runner.members))
     header = ("ConvNet", "evaluation method", "test scale Q", "top-1 err (%)", "top-5 err (%)")
     rows = [(config, p.name + (" + flip" if _flip_note(p, runner) else ""), p.scales_text,
              f"{s.top1:.1f}", f"{s.top5:.1f}") for p, s in report.scores.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    click.echo(f"{data}: {total} images, {classes} classes")
+    click.echo(f"{terminal(data)}: {total} images, {classes} classes")
     for row in [header, *rows]:
         cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         click.echo("  ".join(cells))

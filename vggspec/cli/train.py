@@ -5,15 +5,15 @@ torch is imported only inside the commands.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..display import terminal
 from ..train.config import MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
-from .common import examples, set_option, spec_argument
+from .common import FiniteRange, examples, set_option
 
 # The options a resumed run takes from the command line; the rest come from the run.
 RESUMABLE = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE_OVERRIDES)
@@ -31,23 +31,13 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(exc.message) from None
 
 
-class FiniteRange(click.FloatRange):
-    """A FloatRange that refuses nan and inf too: nan compares false with both ends, so a plain range takes it."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
-
-
 @click.command(epilog=examples(
     "vggspec train examples/digits.vgg --data data/digits -o runs/digits --batch-size 32 --epochs 15",
     "vggspec train D --data imagenet/ --scale 256:512 --weights runs/d384/model.safetensors --lr 1e-3",
     "vggspec train D --data imagenet/ --resume runs/d"))
-@spec_argument
-@click.option("--data", required=True, metavar="DIR", type=click.Path(file_okay=False),
-              help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*.")
+@click.argument("spec", metavar="[SPEC]", required=False)
+@click.option("--data", metavar="DIR", type=click.Path(file_okay=False),
+              help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*. Required, except with --resume.")
 @click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None,
               help="Run folder: model.safetensors, state/, metrics.jsonl, metrics.png. Default runs/<spec name>.")
 @click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
@@ -72,8 +62,9 @@ class FiniteRange(click.FloatRange):
 @click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
               help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
 @click.option("--resume", "resume", metavar="RUNDIR", default=None,
-              help=f"Continue the run in RUNDIR where it stopped, with its own settings and class folders; it "
-                   f"takes only {RESUMABLE} (a larger --epochs extends it).")
+              help=f"Continue the run in RUNDIR where it stopped, with its own spec, --set options, data folder, "
+                   f"settings and class folders (SPEC and --data may be left out); it takes only {RESUMABLE} "
+                   "(a larger --epochs extends it).")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
@@ -90,9 +81,12 @@ class FiniteRange(click.FloatRange):
 @click.option("--progress/--no-progress", default=True, help="The per-epoch progress bar.")
 @set_option
 @click.pass_context
-def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None, sets: tuple[str, ...],
+def train(ctx: click.Context, spec: str | None, rundir: str | None, resume: str | None, sets: tuple[str, ...],
           **options: object) -> None:
     """Train SPEC's generated PyTorch module on an image folder with the paper's recipe.
+
+    `vggspec train --resume RUNDIR` alone continues a run: its spec, --set options and data folder come
+    from RUNDIR; options given that match the run's are accepted, others are named in a note.
 
     Under torchrun (`torchrun --nproc-per-node N -m vggspec train ...`) each process is one DDP rank;
     the global batch stays --batch-size and only rank 0 writes files. Fine-tuning at a lower rate, as the
@@ -110,16 +104,20 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
     if options["weights"] and options["init_from"]:
         raise click.UsageError("--weights and --init-from are alternatives (fine-tune this spec's net, or start a "
                                "deeper net from a shallower one's layers); give one")
-    graph_name = _spec_name(spec, sets)
-    rundir = resume or rundir or f"runs/{graph_name}"
-    config = TrainConfig(spec=spec, sets=sets, rundir=rundir, **options)  # type: ignore[arg-type]
     given = [k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     overrides = {k: options[k] for k in given if k in RESUMABLE_OVERRIDES}
-    overrides["data"] = options["data"]
-    ignored = [_option_name(ctx, k) for k in given if k not in RESUMABLE_OVERRIDES]
-    if resume and ignored and _is_rank0():
-        click.echo(f"note: resuming with the run's own settings; ignoring {', '.join(ignored)} "
-                   f"(a resumed run takes only {RESUMABLE})", err=True)
+    if resume:
+        config = _resumed(ctx, resume, spec, sets, {k: options[k] for k in given})
+        overrides["data"] = config.data
+    else:
+        if spec is None:
+            raise click.UsageError("Missing argument 'SPEC' (only --resume RUNDIR continues a run without it).")
+        if options["data"] is None:
+            raise click.UsageError("Missing option '--data'.")
+        rundir = rundir or f"runs/{_spec_name(spec, sets)}"
+        config = TrainConfig(spec=spec, sets=sets, rundir=rundir, **options)  # type: ignore[arg-type]
+        overrides["data"] = options["data"]
+    rundir = config.rundir
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         last = run(config, resume=resume is not None, overrides=overrides)
@@ -132,18 +130,41 @@ def train(ctx: click.Context, spec: str, rundir: str | None, resume: str | None,
                    f"top-5 {100 * last['val_top5_err']:.2f}%; model in {rundir}/model.safetensors")
 
 
-def _option_name(ctx: click.Context, name: str) -> str:
-    """The option as the user would type it: --weight-decay; --no-flip for a flag turned off."""
+def _resumed(ctx: click.Context, rundir: str, spec: str | None, sets: tuple[str, ...],
+             given: dict[str, Any]) -> Any:
+    """The run's own config, with SPEC, --set and --data where given (the loop refuses another spec or
+    other --set options, naming the run's); a note names each other option that differs from the run's."""
+    from ..train.resume import differing, run_config
+
+    run = run_config(rundir)
+    changed = differing(run, given)
+    if changed and _is_rank0():
+        named = ", ".join(f"{_typed(ctx, k, v)} (the run's {_typed(ctx, k, getattr(run, k))})"
+                          for k, v in changed.items())
+        click.echo(f"note: resuming with the run's own settings; ignoring {named} "
+                   f"(a resumed run takes only {RESUMABLE})", err=True)
+    run.spec, run.sets = spec or run.spec, sets or run.sets
+    run.data = given.get("data") or run.data
+    return run
+
+
+def _typed(ctx: click.Context, name: str, value: Any) -> str:
+    """An option and its value as typed: --lr 0.5, --scale 256:512, --no-flip, --bf16, no --bf16."""
     param = next(p for p in ctx.command.params if p.name == name)
-    if param.secondary_opts and ctx.params.get(name) is False:
-        return param.secondary_opts[0]
-    return max(param.opts, key=len)
+    flag = max(param.opts, key=len)
+    if isinstance(value, bool):
+        if param.secondary_opts:
+            return flag if value else param.secondary_opts[0]
+        return flag if value else f"no {flag}"
+    if name == "scale":
+        return f"{flag} {'default' if value is None else ':'.join(map(str, sorted(set(value))))}"
+    return f"{flag} {value}"
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
     # Skipped images and the like: one plain line each, not Python's file:line warning format.
     kind = "note" if issubclass(category, TrainingNote) else "warning"
-    click.echo(f"{kind}: {message}", err=True)
+    click.echo(f"{kind}: {terminal(str(message), keep_newlines=True)}", err=True)
 
 
 def _spec_name(spec: str, sets: tuple[str, ...]) -> str:

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from ..display import csv_cell
 from ..errors import DataError, ModelError
 from ..files import printable
 from ..imaging import class_folders, scan_image_folder
 from .protocols import Protocol, Runner
+from .session import ModelOutputError
 
 # What running one image may raise without stopping the batch: a file that cannot be used (DataError),
 # onnxruntime failing on that image's input (ModelError, e.g. it cannot allocate for one huge dense pass),
@@ -58,17 +60,74 @@ class FailureStreak:
                                   "device (--device cpu rules out the GPU) and run again") from None
 
 
-def list_dataset(root: str | Path, labels: Sequence[str] = ()) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(image paths with class indices, class names). Indices follow `labels` when the folders are named
-    after them, otherwise the sorted folder names (the ImageFolder convention training used; ImageNet's
-    folders are WordNet ids while its labels are words).
+def list_dataset(root: str | Path, labels: Sequence[str] = (), classes: int = 0,
+                 allow_mismatch: bool = False) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image paths with class indices, class names): the one mapping of eval's folders to a model's classes.
+    Indices follow `labels` when the folders are named after them, otherwise the sorted folder names (the
+    ImageFolder convention training used; ImageNet's folders are WordNet ids while its labels are words).
+
+    The folders must be the model's classes (`classes` outputs, named `labels`): otherwise a DataError names
+    both sides and the likely cause (check_class_folders), unless `allow_mismatch`. Folders that are not the
+    classes give every image a wrong class index, and the error rate means nothing.
 
     Entries named like images that cannot be read (a dangling symbolic link...) are listed too, in path
     order: evaluating them fails with the reason, so each is reported and counted as a failed image."""
-    by_label = bool(labels) and any(name in labels for name in class_folders(root))
+    found = class_folders(root)
+    if not allow_mismatch:
+        check_class_folders(root, found, labels, classes)
+    by_label = bool(labels) and set(found) <= set(labels)
     folder = scan_image_folder(root, labels if by_label else None,
                                "name the folders after the labels, or pass --labels FILE")
     return sorted(folder.items() + [(p, t) for p, t, _ in folder.problems]), list(folder.classes)
+
+
+MISMATCH_HINT = ("give --data the folder whose subfolders are the classes; --allow-mismatch evaluates anyway "
+                 "(with sorted folder names as class indices where they are not the model's labels)")
+
+
+def check_class_folders(root: str | Path, found: Sequence[str], labels: Sequence[str], classes: int) -> None:
+    """DataError unless the class folders `found` in `root` are the model's classes: every folder named after
+    one of its `labels`, one folder per class; or, for folders not named after them (or a model without
+    labels), exactly `classes` folders, numbered in sorted order. A model that says nothing of its classes
+    (no metadata) cannot be checked."""
+    n = classes or len(labels)
+    named = [f for f in found if f in labels]
+    if not n or (len(found) == n and (len(named) == n or not named)):
+        return
+    root = Path(root)
+    if named:
+        unknown = [f for f in found if f not in labels]
+        missing = [c for c in labels if c not in found]
+        what = (f"{_some(unknown)} {'is' if len(unknown) == 1 else 'are'} not among its labels" if unknown else
+                f"no folder for {'its class' if len(missing) == 1 else 'its classes'} {_some(missing)}")
+        problem = f"the class folders do not match the model's {n} labels ({_some(labels)}): {what}"
+    else:
+        problem = (f"{len(found)} class folders ({_some(found)}) for a model of {n} classes"
+                   + (f" ({_some(labels)})" if labels else ""))
+    raise DataError(f"{problem}; {_likely_cause(root, found, labels, n, named)}", str(root), MISMATCH_HINT)
+
+
+def _likely_cause(root: Path, found: Sequence[str], labels: Sequence[str], n: int, named: Sequence[str]) -> str:
+    for name in found[:20]:  # the parent of train/, val/ and test/: its folders hold the class folders
+        inner = [p.name for p in sorted((root / name).iterdir()) if p.is_dir() and not p.name.startswith(".")] \
+            if (root / name).is_dir() else []
+        if inner and (len(inner) == n or any(i in labels for i in inner)):
+            return (f"{root / name} holds class folders itself ({_some(inner)}), so {root} looks one level too "
+                    f"high: give --data {root / name}")
+    if named and len(found) < n:
+        return "a class folder is missing, or this is a subset of the classes"
+    if len(found) < n:
+        return ("a class folder is missing: classes are numbered by sorted folder name, so every class after the "
+                "missing one would be scored as the next")
+    return "these folders hold more than the model's classes"
+
+
+def _some(names: Sequence[str], limit: int = 6) -> str:
+    """`'a', 'b', 'c'` or `'a', 'b', ... 'z' (26)` for a message."""
+    shown = [repr(printable(str(x))) for x in names]
+    if len(shown) <= limit:
+        return ", ".join(shown)
+    return f"{', '.join(shown[:limit - 1])}, ... {shown[-1]} ({len(shown)})"
 
 
 @dataclass
@@ -139,8 +198,8 @@ def write_predictions(report: Report, path: str | Path, classes: Sequence[str]) 
         writer = csv.writer(f)
         writer.writerow(["image", "target", *names])
         for image, target, top1 in report.predictions:
-            writer.writerow([printable(image), classes[target],
-                             *(classes[i] if i < len(classes) else i for i in top1)])
+            row = [printable(image), classes[target], *(classes[i] if i < len(classes) else i for i in top1)]
+            writer.writerow([csv_cell(cell) for cell in row])  # names as text, never as formulas
     return Path(path)
 
 
@@ -153,6 +212,8 @@ def run_each(runner: Runner, paths: Sequence[str | Path],
     for path in paths:
         try:
             results = runner.run(path)
+        except ModelOutputError:  # the model's own contract: every image would fail alike
+            raise
         except IMAGE_ERRORS as exc:
             on_error(str(path), image_error(exc))
             streak.failed(exc)

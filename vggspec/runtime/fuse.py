@@ -55,6 +55,8 @@ def check_compatible(paths: Sequence[str], models: Sequence[Any]) -> list[Metada
                     "members must share input size, preprocessing and form (fully_conv, flip); export them alike",
                 )
         _check_io_and_opset(paths[0], models[0], path, model)
+    for path, model, meta in zip(paths, models, metas, strict=True):
+        _check_width(path, model, meta)
     check_same_labels([(p, m.labels) for p, m in zip(paths, metas, strict=True)])
     return metas
 
@@ -74,6 +76,22 @@ def _check_io_and_opset(path0: str, m0: Any, path: str, m: Any) -> None:
     if _opset(m0) != _opset(m):
         raise ModelError(f"cannot fuse with {path0}: opset {_opset(m)} here, {_opset(m0)} there", path,
                          "export every member with the same opset")
+
+
+def _check_width(path: str, model: Any, meta: Metadata) -> None:
+    """The member's posteriors must have its metadata's classes: otherwise ONNX Mean would broadcast a width
+    of 1, or fail, under members that agree on paper. The graph's declared width, else the inferred one."""
+    out = _output(model, "probs")
+    if out is None:
+        raise ModelError("has no 'probs' output to average", path)
+    dims = out.type.tensor_type.shape.dim
+    width = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value else None
+    if width is None:
+        shape = _inferred_shape(_onnx(), model, meta.input_size, "probs")
+        width = shape[1] if shape and len(shape) == 2 else None
+    if width is not None and width != meta.classes:
+        raise ModelError(f"output 'probs' has {width} classes, the metadata says {meta.classes}", path,
+                         "members of a fusion must each have the classes their metadata names")
 
 
 def _output(model: Any, name: str) -> Any | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..labels import check_label_count
-from .protocols import Member, Protocol, Runner, default_scales
-from .session import Model, Overrides, check_model_file
+from .protocols import Member, Protocol, Runner, default_flip, default_scales
+from .session import Limits, Model, Overrides, check_model_file
 
 Scales = tuple[int | None, ...]  # test scales Q; None: the image's own size (dense models)
 Export = Callable[[str, Path], Sequence[Path]]  # a checkpoint and a folder -> its standard and dense ONNX files
@@ -31,12 +31,13 @@ class ModelOptions:
     dense_model: str | None = None  # the fully convolutional form, when `model` is the standard one
     crop_model: str | None = None  # the standard form, when `model` is the dense one
     ensemble: tuple[str, ...] = ()  # further members, posteriors averaged (ConvNet fusion)
-    flip: bool = True
+    flip: bool | None = None  # average the mirror image; None: the models' own default (default_flip)
     device: str = "auto"
     threads: int | None = None
     batch_size: int = 10  # crops per onnxruntime run
     overrides: Overrides = field(default_factory=Overrides)  # metadata for models without vggspec's
     labels_file: str | None = None  # where overrides.labels were read from
+    limits: Limits = field(default_factory=Limits)  # per image: a dense pass's memory, seconds per run
 
     @property
     def ensemble_paths(self) -> list[str]:
@@ -58,7 +59,8 @@ def load_members(opts: ModelOptions, scratch: Path | None = None, export: Export
     A checkpoint needs `export` (checkpoint, folder -> the two ONNX forms) and `scratch` to put them in.
     """
     def load(path: str, shown: str | None = None) -> Model:
-        return Model(path, device=opts.device, threads=opts.threads, overrides=opts.overrides, shown=shown)
+        return Model(path, device=opts.device, threads=opts.threads, overrides=opts.overrides, shown=shown,
+                     limits=opts.limits)
 
     first = _main_models(opts, load, scratch, export)
     first += [_other_form(option, path, dense, first, load) for option, path, dense in
@@ -98,11 +100,14 @@ def _other_form(option: str, path: str, dense: bool, first: list[Model], load: L
     return model
 
 
-def build_protocols(names: Sequence[str], scale_sets: Sequence[Scales], flip: bool,
+def build_protocols(names: Sequence[str], scale_sets: Sequence[Scales], flip: bool | None,
                     members: list[Member]) -> list[Protocol]:
-    """Every (protocol, scale set) pair asked for; defaults: dense for a dense model, Q = its input side."""
+    """Every (protocol, scale set) pair asked for; defaults: dense for a dense model, the models' own test
+    scales and flip (default_scales, default_flip: else Q = the input side, with flip)."""
     names = list(names) or ["dense" if members[0].dense is not None else "multi-crop"]
-    sets = list(scale_sets) or [default_scales(m for mem in members for m in mem.models)]
+    models = [m for mem in members for m in mem.models]
+    sets = list(scale_sets) or [default_scales(models)]
+    flip = default_flip(models) if flip is None else flip
     return [Protocol(name, scales, flip) for name in names for scales in sets]
 
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..contract import key
 from ..errors import ModelError
-from ..imaging import MAX_SCALE, grid_crops, load_image, mirror, rescale, scale_problem, to_array
+from ..imaging import MAX_SCALE, grid_crops, load_image, mirror, rescale, rescaled_size, scale_problem, to_array
 from ..labels import check_same_labels
 from .preprocess import check_size, check_static_size, to_input
-from .session import Model
+from .session import Model, ModelOutputError
 
 PROTOCOLS = ("dense", "multi-crop", "combined")
 GRID = 5  # 5 x 5 crops per scale, as in the paper
@@ -143,6 +143,12 @@ class _Pixels:
     decoded: dict[int, Any] = field(default_factory=dict)
     scaled: dict[tuple[int, int | None], np.ndarray] = field(default_factory=dict)
 
+    def size_at(self, channels: int, q: int | None) -> tuple[int, int]:
+        """(width, height) at Q, without rescaling: what a model's memory check needs first."""
+        if channels not in self.decoded:
+            self.decoded[channels] = load_image(self.path, channels)
+        return rescaled_size(self.decoded[channels].size, q)
+
     def at(self, channels: int, q: int | None) -> np.ndarray:
         if (channels, q) not in self.scaled:
             if channels not in self.decoded:
@@ -190,7 +196,7 @@ class Runner:
         self._validate()
 
     def _validate(self) -> None:
-        classes = {m.info.classes for member in self.members for m in member.models if m.info.classes}
+        classes = {m.info.classes or m.width for member in self.members for m in member.models} - {0, None}
         if len(classes) > 1:
             raise ModelError(f"the models disagree on the number of classes ({sorted(classes)})")
         check_same_labels([(m.shown, m.info.labels) for member in self.members for m in member.models])
@@ -219,6 +225,9 @@ class Runner:
         for i, member in enumerate(self.members):
             for kind, q in self.parts:
                 model = member.model(kind)
+                if kind == "dense":  # the whole image through the network: its activations must fit
+                    size = pixels.size_at(model.info.channels, q)
+                    model.check_memory(size, 2 if flip or model.info.flip else 1, str(path))
                 px = pixels.at(model.info.channels, q)
                 if kind == "dense":
                     source = pixels.decoded[model.info.channels].size
@@ -233,6 +242,10 @@ class Runner:
         for i in range(len(self.members)):
             per_kind = [np.mean([parts[(i, kind, q)] for q in protocol.scales], axis=0) for kind in protocol.kinds]
             per_member.append(np.mean(per_kind, axis=0))
+        widths = {len(p) for p in per_member}
+        if len(widths) > 1:  # models without metadata, whose widths only a run shows
+            raise ModelOutputError(f"the members disagree on the number of classes ({sorted(widths)})",
+                                   hint="an ensemble averages posteriors over the same classes")
         return np.mean(per_member, axis=0)
 
     def run(self, path: str | Path) -> dict[Protocol, np.ndarray]:
@@ -262,6 +275,53 @@ def top_k(posterior: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def default_scales(models: Iterable[Model]) -> tuple[int, ...]:
-    """Without --scales: Q = the smallest side of the largest input size among the models (a static model's
-    fixed size, which is the only one it takes)."""
-    return (max(min(m.info.static_hw or m.info.input_size) for m in models),)
+    """Without --scales: the models' own test scales (vggspec.test_scales) when every model has them and they
+    agree, raised to the largest input side among them; otherwise, and whenever a model takes one static size,
+    Q = the smallest side of the largest input size among the models (a static model's fixed size, which is
+    the only one it takes)."""
+    models = list(models)
+    return _own_scales(models) or (max(min(m.info.static_hw or m.info.input_size) for m in models),)
+
+
+def default_flip(models: Iterable[Model]) -> bool:
+    """Without --flip/--no-flip: the models' own test flip (vggspec.test_flip) when those that state one
+    agree; True (the paper's dense evaluation, and every model before the key existed) otherwise."""
+    stated = {m.info.test_flip for m in models if m.info.test_flip is not None}
+    return stated.pop() if len(stated) == 1 else True
+
+
+def _own_scales(models: list[Model]) -> tuple[int, ...]:
+    """The test scales every model states, when they agree and no model is static; () otherwise."""
+    own = {m.info.test_scales for m in models}
+    if len(own) != 1 or () in own or any(m.info.static_hw for m in models):
+        return ()
+    smallest = max(min(m.info.input_size) for m in models)
+    return tuple(sorted({max(q, smallest) for q in own.pop()}))
+
+
+def defaults_note(models: Iterable[Model], scales_given: bool, flip_given: bool) -> str | None:
+    """Which test scales and flip a run took from its models, and why, for models that state their own
+    (vggspec.test_scales, vggspec.test_flip); None when the options gave both, or no model states any.
+    E.g. `d_dense.onnx: testing at the model's own Q=73,110,146 without flip (trained with scale jitter
+    73:146, no flip)`."""
+    from ..contract import training_text
+
+    models = list(models)
+    stating = [m for m in models if m.info.test_scales or m.info.test_flip is not None]
+    if not stating or (scales_given and flip_given):
+        return None
+    parts = []
+    if not scales_given:
+        q = ",".join(map(str, default_scales(models)))
+        if _own_scales(models):
+            parts.append(f"at the model's own Q={q}" if len(models) == 1 else f"at the models' own Q={q}")
+        else:
+            why = ("a static-shape model takes one size" if any(m.info.static_hw for m in models)
+                   else "the models do not state one set of test scales")
+            parts.append(f"at Q={q} ({why}; --scales chooses)")
+    if not flip_given:
+        parts.append("with flip" if default_flip(models) else "without flip")
+    trained = next((dict(m.info.training) for m in stating if m.info.training), None)
+    why = f" (trained with {training_text(trained)})" if trained else ""
+    names = ", ".join(dict.fromkeys(m.shown for m in stating))
+    return f"{names}: testing {' '.join(parts)}{why}"

@@ -29,7 +29,7 @@ from ..atomic import scratch_folder
 from ..errors import DataError, ModelError, VggspecError
 from .evaluate import IMAGE_ERRORS, FailureStreak, Report, Score, image_error
 from .protocols import Member, Protocol, Runner
-from .session import Model, Overrides
+from .session import Limits, Model, ModelOutputError, Overrides
 
 SHIP_LIMIT = 2**31 - 1  # models with external data (> 2 GB) are read from their path on each node
 
@@ -46,6 +46,7 @@ class RunnerSpec:
     overrides: Overrides = field(default_factory=Overrides)
     batch_size: int = 10
     shown: dict[str, str] = field(default_factory=dict)  # file name -> what messages call it (the driver's name)
+    limits: Limits = field(default_factory=Limits)
 
 
 def runner_spec(runner: Runner, device: str, threads: int | None, overrides: Overrides | None) -> RunnerSpec:
@@ -63,7 +64,7 @@ def runner_spec(runner: Runner, device: str, threads: int | None, overrides: Ove
             names.append(name)
         members.append(tuple(names))
     return RunnerSpec(tuple(members), files, tuple(runner.protocols), device, threads, overrides or Overrides(),
-                      runner.batch_size, shown)
+                      runner.batch_size, shown, runner.lead.limits)
 
 
 def _stays(path: Path) -> bool:
@@ -93,7 +94,8 @@ class _Evaluator:
             else:
                 paths[name] = str(self.folder / name)
                 Path(paths[name]).write_bytes(ray.get(source))
-        members = [Member.of(*(Model(paths[n], spec.device, spec.threads, spec.overrides, shown=spec.shown.get(n))
+        members = [Member.of(*(Model(paths[n], spec.device, spec.threads, spec.overrides, shown=spec.shown.get(n),
+                                     limits=spec.limits)
                                 for n in names)) for names in spec.members]
         self.runner = Runner(members, spec.protocols, spec.batch_size)
 
@@ -105,6 +107,9 @@ class _Evaluator:
             try:
                 results = self.runner.run(str(path))
                 posteriors.append(np.stack([results[p] for p in self.runner.protocols]))
+            except ModelOutputError as exc:  # stops a local run too (runtime.evaluate.run_each)
+                fatal[i] = json.dumps([exc.message, exc.path, exc.hint])
+                posteriors.append(None)
             except IMAGE_ERRORS as exc:  # one unusable or failing image: reported, the run goes on (as locally)
                 errors[i], data_error[i] = image_error(exc), isinstance(exc, DataError)
                 posteriors.append(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -16,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from ..contract import from_props, has_metadata
-from ..errors import ModelError
+from ..errors import DataError, ModelError
 from ..files import file_problem
 from ..preprocessing import Preprocessing
+from .memory import DEFAULT_MAX_MEMORY, activation_bytes, floats_per_pixel, shown_size
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -58,6 +60,9 @@ class ModelInfo:
     probs_are_logits: bool = False  # metadata-less models may end in raw scores
     overridden: tuple[str, ...] = ()  # Overrides fields that replaced different values of the vggspec metadata
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    test_scales: tuple[int, ...] = ()  # the model's default test scales Q; (): its input side
+    test_flip: bool | None = None  # whether it is tested with the mirror image by default; None: unstated (flip)
+    training: tuple[tuple[str, Any], ...] = ()  # how its weights were trained: (("scale", (Smin, Smax)), ("flip", b))
 
     @property
     def probs_output(self) -> str:
@@ -274,6 +279,7 @@ def _from_metadata(props: dict[str, str], path: str) -> ModelInfo:
         path=path, name=m.name, classes=m.classes, input_size=m.input_size, channels=m.channels,
         preprocessing=m.preprocessing, labels=m.labels, fully_conv=m.fully_conv, flip=m.flip,
         embedded_preprocessing=m.embedded_preprocessing, scores=m.scores, precision=m.precision, has_metadata=True,
+        test_scales=m.test_scales, test_flip=m.test_flip, training=m.training,
     )
 
 
@@ -333,19 +339,69 @@ def _check_io(info: ModelInfo, shape: list[Any], session: Any) -> None:
     for stat in (info.preprocessing.mean, info.preprocessing.std):
         if len(stat) not in (1, info.channels):
             raise ModelError(f"mean/std have {len(stat)} values for {info.channels} channels", info.path)
-    out = {o.name: o for o in session.get_outputs()}[info.probs_output]
-    if out.shape is not None and len(out.shape) != 2:
-        raise ModelError(f"output '{out.name}' has shape {out.shape}; expected (N, classes) posteriors", info.path)
+    _check_outputs(info, {o.name: o for o in session.get_outputs()})
+
+
+class ModelOutputError(ModelError):
+    """A model whose output contradicts its metadata or its fellow members (a width other than its classes):
+    no image would fare better, so a batch run stops at once instead of failing image after image."""
+
+
+_FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)")
+
+
+def _check_outputs(info: ModelInfo, outputs: dict[str, Any]) -> None:
+    """`probs` float (N, classes) and `scores` float (N, classes, h, w), as far as the graph's static shapes
+    tell; a dynamic width is checked on the first run (Model.run). Otherwise class 962 of a 10-class model's
+    1000 outputs would be printed, or int64 indices shown as probabilities."""
+    expected = {info.probs_output: 2, **({"scores": 4} if "scores" in outputs else {})}
+    for name, rank in expected.items():
+        out = outputs[name]
+        what = "(N, classes) posteriors" if rank == 2 else "(N, classes, h, w) class score maps"
+        if out.type not in _FLOAT_OUTPUTS:
+            raise ModelError(f"output '{name}' is {out.type}; expected float {what}", info.path,
+                             "export the model with a soft-max (float) output")
+        shape = list(out.shape) if out.shape is not None else None
+        if shape is not None and len(shape) != rank:
+            raise ModelError(f"output '{name}' has shape {shape}; expected {what}", info.path)
+        width = _static(shape[1]) if shape is not None else None
+        if width is not None and info.classes and width != info.classes:
+            raise ModelError(f"output '{name}' has {width} classes, the metadata says {info.classes}", info.path,
+                             "the metadata (vggspec.classes) must describe the graph; re-export the model")
+
+
+def output_width(session: Any, name: str) -> int | None:
+    """The static width (classes) of output `name`, or None when the graph leaves it dynamic."""
+    out = {o.name: o for o in session.get_outputs()}.get(name)
+    shape = list(out.shape) if out is not None and out.shape is not None else []
+    return _static(shape[1]) if len(shape) > 1 else None
 
 
 # ---------------------------------------------------------------- the model
+
+
+# onnxruntime runs longer than this are stopped (RunOptions.terminate): a graph with an endless Loop would
+# otherwise hold the run for ever. Generous: D's dense pass of a 64-megapixel image takes minutes on a CPU.
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one image may cost: the memory of a dense pass (memory.activation_bytes), and seconds per
+    onnxruntime run (None: no limit)."""
+
+    memory: int = DEFAULT_MAX_MEMORY
+    seconds: float | None = DEFAULT_TIMEOUT
 
 
 class Model:
     """An onnxruntime session with its ModelInfo; runs prepared batches, binding IO on GPUs."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
-                 overrides: Overrides | None = None, io_binding: bool | None = None, shown: str | None = None) -> None:
+                 overrides: Overrides | None = None, io_binding: bool | None = None, shown: str | None = None,
+                 limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._floats: float | None = None  # activation floats per input pixel, read from the graph when needed
         self.path = str(path)
         # What messages call the model: the path, unless it is a temporary file the user never named (a
         # checkpoint's forms exported for the run), which is then shown as what the user gave.
@@ -353,6 +409,7 @@ class Model:
         self.device = device
         self.session, self.provider = create_session(path, device, threads, shown=self.shown)
         self.info = read_info(self.session, self.shown, overrides)
+        self.width = output_width(self.session, self.info.probs_output)  # None until a run shows it
         # On a GPU, bind IO to the device so runs are not dominated by host copies; on the CPU it buys nothing.
         self.io_binding = self.on_gpu if io_binding is None else io_binding
 
@@ -365,12 +422,24 @@ class Model:
         """The device name onnxruntime's OrtValue and IOBinding use for this session."""
         return "cuda" if self.on_gpu else "cpu"
 
+    def check_memory(self, size: tuple[int, int], batch: int, path: str | None = None) -> None:
+        """DataError (this image only) when a pass of `batch` images of `size` (width, height) would hold more
+        than limits.memory: the network's activations at that size, not only its pixels, decide."""
+        if self._floats is None:
+            self._floats = floats_per_pixel(self.path)
+        need = activation_bytes(self._floats, batch, size, self.info.channels)
+        if need > self.limits.memory:
+            raise DataError(f"a dense pass at {size[1]}x{size[0]} needs about {shown_size(need)} for the network's "
+                            f"activations, over the {shown_size(self.limits.memory)} limit (--max-memory "
+                            f"raises it; a smaller --scales lowers the need)", path)
+
     def run(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         """Run a prepared input batch in chunks the model accepts; one array per requested output."""
         names = list(outputs or [self.info.probs_output])
         step = self.info.batch or len(batch)
         chunks = [self._run_fixed(batch[i:i + step], names) for i in range(0, len(batch), step)]
         results = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
+        self._check_widths(names, results)
         for name, out in zip(names, results, strict=True):
             if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
                 # A NaN posterior would count as an ordinary wrong answer: refuse it instead.
@@ -380,6 +449,19 @@ class Model:
             results[0] = _as_posteriors(results[0])
         return results
 
+    def _check_widths(self, names: list[str], results: list[np.ndarray]) -> None:
+        """The first run shows a dynamic width: it must be the metadata's classes, and a score map's too."""
+        width = {n: r.shape[1] if r.ndim > 1 else None for n, r in zip(names, results, strict=True)}
+        got = width.get(self.info.probs_output, self.width)
+        expected = self.info.classes or self.width or got
+        for name, w in width.items():
+            if w is not None and expected and w != expected:
+                whose = "the metadata says" if self.info.classes else f"'{self.info.probs_output}' has"
+                raise ModelOutputError(f"output '{name}' has {w} classes, {whose} {expected}", self.shown,
+                                       "the metadata (vggspec.classes) must describe the graph; re-export the model")
+        if self.width is None and got is not None:
+            self.width = got
+
     def _run_fixed(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
         n = len(chunk)
         out = self._run_chunk(_pad(chunk, self.info.batch), names)
@@ -387,15 +469,23 @@ class Model:
 
     def _run_chunk(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=self.info.input_dtype)
+        options = _ort().RunOptions()
+        timer = _terminate_after(options, self.limits.seconds)
         try:
             if self.io_binding:
-                return self._run_bound(x, names)
-            return self.session.run(names, {self.info.input_name: x})
+                return self._run_bound(x, names, options)
+            return self.session.run(names, {self.info.input_name: x}, options)
         except Exception as exc:  # onnxruntime's own exception types
+            if options.terminate:
+                raise ModelError(f"stopped after {self.limits.seconds:g} s on an input of shape {list(x.shape)} "
+                                 "(--timeout-per-image raises the limit)", self.shown) from None
             raise ModelError(f"onnxruntime failed on an input of shape {list(x.shape)}: {ort_message(exc)}",
                              self.shown) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def _run_bound(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _run_bound(self, x: np.ndarray, names: list[str], options: Any) -> list[np.ndarray]:
         """Inputs copied to the device once, outputs allocated there: no hidden copies inside run()."""
         ort = _ort()
         binding = self.session.io_binding()
@@ -403,8 +493,23 @@ class Model:
         binding.bind_ortvalue_input(self.info.input_name, value)
         for name in names:
             binding.bind_output(name, self.ort_device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()
+
+
+def _terminate_after(options: Any, seconds: float | None) -> threading.Timer | None:
+    """A daemon timer that sets `options.terminate` after `seconds`: onnxruntime then stops the run with an
+    error at its next node. None without a limit."""
+    if not seconds:
+        return None
+
+    def stop() -> None:
+        options.terminate = True
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _pad(chunk: np.ndarray, batch: int | None) -> np.ndarray:
