@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,3 +74,148 @@ def test_scratch_folders_of_dead_processes_are_removed(tmp_path: Path, monkeypat
     mine = scratch_folder("models")
     assert mine.is_dir() and not stale.exists() and other_tag.exists()
     assert scratch_folder("models").exists() and mine.exists()  # a live process's folder stays
+
+
+# --- outputs that are not regular files -------------------------------------------------------------------
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vggspec.atomic import check_output_path
+    from vggspec.cli import main
+    from vggspec.errors import VggspecError
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "null").symlink_to("/dev/null")  # as root, a rename over /dev/null itself would replace the device
+    (tmp_path / "to-pipe").symlink_to(tmp_path / "pipe")
+    (tmp_path / "out").symlink_to("/proc/self/fd/1")  # /dev/stdout's own link
+    cases = {"pipe": "a named pipe", "null": "a character device (through a link)", "to-pipe": "a named pipe",
+             "out": "a link to a stream of this process"}
+    for name, what in cases.items():
+        with pytest.raises(VggspecError, match="is " + re.escape(what)) as info:
+            check_output_path(tmp_path / name)
+        assert info.value.path == str(tmp_path / name) and info.value.hint
+    for path in ("/dev/null", "/dev/stdout", "/proc/self/fd/2"):
+        with pytest.raises(VggspecError, match="not a regular file|stream"):
+            check_output_path(path)
+    result = CliRunner().invoke(main, ["init", "A", "--set", "width=1/64", "-o", str(tmp_path / "null")])
+    assert result.exit_code == 1 and "null: error: is a character device" in result.output, result.output
+    assert (tmp_path / "null").is_symlink() and Path("/dev/null").is_char_device()
+    assert (tmp_path / "pipe").is_fifo() and (tmp_path / "out").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "out", "pipe", "to-pipe"]  # no temporaries
+    # A link to a regular file is replaced by the new file; the file it named is left as it was.
+    (tmp_path / "old.txt").write_text("old")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "old.txt")
+    with atomic_path(tmp_path / "link.txt") as tmp:
+        tmp.write_text("new")
+    assert not (tmp_path / "link.txt").is_symlink() and (tmp_path / "link.txt").read_text() == "new"
+    assert (tmp_path / "old.txt").read_text() == "old"
+
+
+# --- full disk, file-size limit ---------------------------------------------------------------------------
+LIMITED = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))  # Python ignores SIGXFSZ: writes raise EFBIG
+sys.argv = ["vggspec", *sys.argv[1:]]
+runpy.run_module("vggspec", run_name="__main__")
+"""
+
+
+def _limited(limit: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", LIMITED.format(limit=limit), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _only(folder: Path, *names: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names), "temporaries left behind"
+
+
+def test_a_file_size_limit_names_the_output_and_keeps_the_previous_file(tmp_path: Path) -> None:
+    ckpt = tmp_path / "a.safetensors"
+    spec = ["A", "--set", "width=1/16"]  # 3 MB of weights
+    assert _limited(2**30, "init", *spec, "-o", str(ckpt)).returncode == 0
+    before = ckpt.read_bytes()
+    result = _limited(100_000, "init", *spec, "--seed", "1", "-o", str(ckpt))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"{ckpt}: error: cannot write: the file is larger than this process may "
+                                    "write"), result.stderr
+    assert "the previous file is unchanged" in result.stderr and "hint:" in result.stderr
+    assert "vggspec-tmp" not in result.stderr and "Traceback" not in result.stderr
+    assert ckpt.read_bytes() == before
+    for target, name in (("torchvision", "a.pth"), ("caffe", "a.npz")):  # torch's zip writer hides the errno
+        result = _limited(100_000, "weights", "export", "--to", target, str(ckpt), "-o", str(tmp_path / name))
+        assert result.returncode == 1 and result.stderr.startswith(f"{tmp_path / name}: error: cannot write"), \
+            result.stderr
+    _only(tmp_path, "a.safetensors")
+
+
+# --- eval --predictions, SIGTERM -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny spec's ONNX model and checkpoint, and a labelled folder of 2 x 3 images."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "s.vgg").write_text("input: 32x32\nclasses: 2\nconv3-4 maxpool FC-2 soft-max\n")
+    for c in range(2):
+        (root / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (60 * i, 100 * c, 30)).save(root / "data" / f"c{c}" / f"{i}.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in ("export", "init"):
+        out = root / ("m.onnx" if command == "export" else "m.safetensors")
+        subprocess.run([sys.executable, "-m", "vggspec", command, str(root / "s.vgg"), "-o", str(out)], env=env,
+                       check=True, capture_output=True, timeout=120)
+    return root
+
+
+def test_eval_prints_its_report_before_a_csv_that_cannot_be_written(tiny: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "p.csv"
+    result = _limited(64, "eval", str(tiny / "m.onnx"), "--data", str(tiny / "data"), "--json", "--predictions",
+                      str(csv))
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["images"] == 6  # the results are there
+    assert result.stderr.strip().splitlines()[0] == (f"{csv}: error: cannot write: the file is larger than this "
+                                                     "process may write (a file-size limit, `ulimit -f`)")
+    _only(tmp_path)
+
+
+def test_eval_checks_that_its_csv_can_be_written_before_evaluating(tiny: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from click.testing import CliRunner
+
+    import vggspec.runtime
+    from vggspec.cli import main
+
+    real = tempfile.mkstemp
+
+    def read_only(*args: object, dir: str | None = None, **kwargs: object) -> tuple[int, str]:
+        if dir is not None and Path(dir) == tmp_path:  # as root, chmod cannot make a folder read-only
+            raise PermissionError(13, "Permission denied", str(tmp_path / ".p.csv.vggspec-tmp-x"))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(vggspec.runtime, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    result = CliRunner().invoke(main, ["eval", str(tiny / "m.onnx"), "--data", str(tiny / "data"), "--predictions",
+                                       str(tmp_path / "p.csv")])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"{tmp_path / 'p.csv'}: error: cannot write: permission denied"), result.output
+
+
+def test_sigterm_is_an_interrupt_and_a_checkpoint_eval_leaves_no_models(tiny: Path, tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    p = subprocess.Popen([sys.executable, "-m", "vggspec", "eval", str(tiny / "m.safetensors"), "--data",
+                          str(tiny / "data"), "--scales", "32,48,64,96,128,160,192,256"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and not list(scratch.glob("vggspec-models-*/*")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert not list(scratch.glob("vggspec-*"))  # (a library keeps a 51-byte session id there, .ses)

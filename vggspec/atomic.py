@@ -1,11 +1,26 @@
-"""Atomic file output: write beside the target, then rename, so no reader sees half a file."""
+"""Atomic file output: write beside the target, then rename, so no reader sees half a file.
+
+An output that exists and is not a regular file (a device such as /dev/null, a pipe, a socket, a terminal,
+or a link to one, or to a stream of this process such as /dev/stdout) is refused: the rename would replace
+the device or the link with a regular file, and writing through it instead would give up atomicity for one
+case. Write to a file and copy or print that. A link to a regular file is replaced by the new file, as every
+rename-based writer does (the file it pointed to is untouched): files inside a run folder never write through
+a link to somewhere outside it.
+
+A write that fails (full disk, file-size limit, read-only file system) is an error naming the output, not
+the hidden temporary; the temporary is removed and the previous file stays as it was.
+"""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import re
+import resource
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,11 +37,126 @@ def check_output_path(path: str | Path, inputs: Iterable[tuple[str, str | Path |
         raise VggspecError("is a folder; give a file name", str(path))
     if not path.parent.is_dir():
         raise VggspecError(f"folder {path.parent} does not exist", str(path), "create it first")
+    check_replaceable(path)
     for option, source in inputs:
         if source is not None and same_file(path, source):
             raise VggspecError(f"is also this command's input ({option}); writing it would destroy that input",
                                str(path), "choose another output name")
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """A VggspecError when `path` exists and is not a regular file, or is a link to one or to a stream of this
+    process: the atomic rename would replace it (as root, /dev/null itself) with a regular file."""
+    what = _not_regular(path)
+    if what:
+        raise VggspecError(f"is {what}; vggspec writes a new file and renames it into place, which would replace "
+                           "it with a regular file", str(path),
+                           "give the name of a regular file (write to a file, then copy or print it)")
+
+
+def _not_regular(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file (through any links), else None."""
+    hop, hops = path, 0
+    while hops < 40 and hop.is_symlink():  # /dev/stdout -> /proc/self/fd/1 -> whatever stdout is now
+        if _is_proc(hop):
+            return "a link to a stream of this process"
+        hop, hops = hop.parent / os.readlink(hop), hops + 1
+    if _is_proc(hop):
+        return "a file of /proc (a stream or a kernel file)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a dangling link or a loop: nothing to replace but the name
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder is check_output_path's own error
+        return None
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"{kind}{' (through a link)' if path.is_symlink() else ''}, not a regular file"
+
+
+def _is_proc(path: Path) -> bool:
+    parts = Path(os.path.abspath(path)).parts
+    return parts[1:2] == ("proc",) or parts[1:3] == ("dev", "fd")
+
+
+def check_writable(path: str | Path) -> None:
+    """Before long work whose result goes to `path`: create (and remove) a temporary beside it, so a folder
+    that cannot be written to is an error now, not after the work is lost."""
+    path = check_output_path(path)
+    with naming_output(path):
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+
+
+# Errors of writing, by errno: what to say and what to do.
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write to another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space or write to another disk"),
+    errno.EFBIG: ("the file is larger than this process may write (a file-size limit, `ulimit -f`)",
+                  "raise the limit (ulimit -f unlimited) or write a smaller file"),
+    errno.EROFS: ("the file system is read-only", "write to another folder"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to"),
+}
+_RUST_ERRNO = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust's io::Error) reports one
+
+
+def write_error(path: str | Path, exc: BaseException, written: Path | None = None) -> VggspecError | None:
+    """`exc`, raised while writing `path` (through the temporary `written`), as an error naming `path` and
+    saying what ran out; None when it is not an I/O error (a bug, or an error of its own to report)."""
+    if isinstance(exc, VggspecError):
+        return None
+    if isinstance(exc, OSError) and not _about(Path(path), exc.filename):
+        return None  # about another file (an input read while writing): its own error
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and not isinstance(exc, OSError):
+        match = _RUST_ERRNO.search(str(exc))
+        code = int(match.group(1)) if match else _diagnose(written)
+        if code is None:
+            return None
+    what, hint = _WRITE_ERRORS.get(code or 0, (getattr(exc, "strerror", None) or str(exc), None))
+    unchanged = "; the previous file is unchanged" if Path(path).exists() else ""
+    return VggspecError(f"cannot write: {what}{unchanged}", str(path), hint)
+
+
+def _about(path: Path, filename: object) -> bool:
+    """Whether an OSError's file name is `path`, its folder or one of its temporaries (or is not given)."""
+    if filename is None:
+        return True
+    other = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes)) else None
+    return other is not None and (other in (path, path.parent) or (
+        other.parent == path.parent and other.name.startswith(f".{path.name}.{_MARK}-")))
+
+
+def _diagnose(written: Path | None) -> int | None:
+    """Why a writer that hides its OSError (torch's zip writer says "unexpected pos") failed: the disk is
+    full, or the temporary reached the file-size limit; None when neither."""
+    if written is None:
+        return None
+    try:
+        if os.statvfs(written.parent).f_bavail == 0:
+            return errno.ENOSPC
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and written.exists() and written.stat().st_size >= limit - 4096:
+            return errno.EFBIG
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def naming_output(path: str | Path, written: Path | None = None) -> Iterator[None]:
+    """Turn an I/O error of writing `path` (through the temporary `written`) into a VggspecError naming
+    `path`; other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_error(path, exc, written)
+        if error is None:
+            raise
+        raise error from None
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -85,13 +215,16 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, else remove it."""
     path = check_output_path(path)
     sweep_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
+    with naming_output(path):
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp_path, path)
+        with naming_output(path, tmp_path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+            check_replaceable(path)  # made a device or a pipe while the file was written
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -48,15 +48,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    received = []
+
     def raise_terminated(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.append(signum)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
+    except Exception as exc:
+        if received:  # what the signal became inside C code (an extension's import: "initialization failed")
+            raise Terminated() from exc
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if received:  # swallowed by a library on the way
+        raise Terminated()
 
 
 class ErrorHandlingGroup(click.Group):
