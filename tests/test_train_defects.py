@@ -57,10 +57,14 @@ def test_resume_names_every_ignored_option(tmp_path: Path, folder: Path) -> None
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: resuming")]
     assert len(notes) == 1, result.stderr
-    ignored, taken = notes[0].removeprefix("note: resuming with the run's own settings; ignoring ").split(" (")
-    assert ignored.split(", ") == ["--batch-size", "--lr", "--momentum", "--seed", "--scale", "--lighting",
-                                   "--weight-decay", "--no-flip"]  # in --help order; not --data, --workers, ...
-    assert taken.startswith("a resumed run takes only --epochs, --workers")
+    ignored, taken = notes[0].removeprefix("note: resuming with the run's own settings; ignoring ").split(" (a ")
+    # Each with the run's own value; not --batch-size (the run's), --data, --workers, ...
+    assert ignored.split(", ") == ["--lr 0.5 (the run's --lr 0.01)", "--momentum 0.0 (the run's --momentum 0.9)",
+                                   "--seed 5 (the run's --seed 0)", "--scale 12 (the run's --scale 10)",
+                                   "--lighting 0.5 (the run's --lighting 0.1)",
+                                   "--weight-decay 0.1 (the run's --weight-decay 0.0005)",
+                                   "--no-flip (the run's --flip)"]
+    assert taken.startswith("resumed run takes only --epochs, --workers")
 
 
 def test_resume_refuses_other_class_folders(tmp_path: Path, folder: Path) -> None:

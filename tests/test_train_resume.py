@@ -78,3 +78,57 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> N
     for x, y in zip(rows[0], rows[1], strict=True):
         for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "lr"):
             assert x[key] == y[key], key
+
+
+def _cli(*args: str) -> object:
+    from click.testing import CliRunner
+
+    from vggspec.cli import main
+
+    return CliRunner().invoke(main, ["train", *args])
+
+
+@pytest.fixture()
+def started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A one-epoch run started with relative paths and a --set, from tmp_path/start."""
+    start = tmp_path / "start"
+    start.mkdir()
+    tiny_spec(start / "tiny.vgg")
+    image_folder(start / "data", classes=3, per_class=8, size=10)
+    monkeypatch.chdir(start)
+    result = _cli("tiny.vgg", "--data", "data", "-o", "run", "--set", "dropout=0.25", "--batch-size", "8",
+                  "--epochs", "1", "--scale", "10", "--workers", "0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run's relative paths no longer lead anywhere from here
+    return start / "run"
+
+
+def test_resume_rundir_alone_continues_the_run(started: Path) -> None:
+    config = json.loads(next((started / "state").glob("*/state.json")).read_text())["config"]
+    assert config["spec"] == str(started.parent / "tiny.vgg") and config["data"] == str(started.parent / "data")
+    result = _cli("--resume", str(started), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "epoch 2" in result.stdout and "note:" not in result.stderr
+    assert load_checkpoint(started / "model.safetensors").overrides == ("dropout=0.25",)
+
+
+def test_resume_takes_matching_options_and_names_the_runs_own(started: Path) -> None:
+    spec, data = str(started.parent / "tiny.vgg"), str(started.parent / "data")
+    # The command that started the run, with --resume: everything matches, so nothing is said.
+    same = _cli(spec, "--data", data, "--resume", str(started), "--set", "dropout=0.25", "--batch-size", "8",
+                "--scale", "10", "--workers", "0", "--no-progress")
+    assert same.exit_code == 0 and same.stderr == "", same.output
+    other = _cli(spec, "--resume", str(started), "--set", "dropout=0.5", "--epochs", "2")
+    assert other.exit_code == 1 and "--set dropout=0.25" in other.stderr and spec in other.stderr, other.output
+    assert f"vggspec train --resume {started}` alone" in other.stderr
+    changed = _cli("--resume", str(started), "--lr", "0.5", "--batch-size", "8", "--no-flip", "--epochs", "2")
+    assert changed.exit_code == 0, changed.output
+    note = [line for line in changed.stderr.splitlines() if line.startswith("note: resuming")]
+    assert note == ["note: resuming with the run's own settings; ignoring --lr 0.5 (the run's --lr 0.01), --no-flip "
+                    "(the run's --flip) (a resumed run takes only --epochs, --workers, --threads, --save-every, "
+                    "--compile, --progress, --data, --device)"]
+
+
+def test_a_new_run_still_needs_spec_and_data(tmp_path: Path) -> None:
+    assert "Missing argument 'SPEC'" in _cli("--data", str(tmp_path)).output
+    assert "Missing option '--data'" in _cli("A").output

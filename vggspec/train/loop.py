@@ -61,6 +61,14 @@ def identity(graph: LayerGraph, sets: tuple[str, ...]) -> str:
     return graph.meta.spec_text + "".join(f"\n# --set {s}" for s in sets)
 
 
+def recorded(config: TrainConfig) -> dict[str, Any]:
+    """The settings a run's state keeps, with the spec file and the data folder as absolute paths, so that
+    `train --resume RUNDIR` alone continues the run from any folder (a shipped spec stays its name)."""
+    spec = Path(config.spec)
+    return {**config.to_dict(), "spec": os.path.abspath(spec) if spec.is_file() else config.spec,
+            "data": os.path.abspath(config.data)}
+
+
 def default_scale(graph: LayerGraph) -> tuple[int, int]:
     """The paper's S = 256 for 224 crops, in proportion to the spec's input side."""
     s = round(max(graph.meta.input_shape[1:]) * 256 / 224)
@@ -512,7 +520,7 @@ class Trainer:
         if not self.world.main:
             return
         payload = {
-            "spec_text": identity(self.graph, self.config.sets), "config": self.config.to_dict(),
+            "spec_text": identity(self.graph, self.config.sets), "config": recorded(self.config),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "stats": self.stats, "classes": list(self.train_split.classes),
             "progress": {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "sums": dict(p.sums)},

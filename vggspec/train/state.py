@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -281,9 +282,35 @@ def load_state(rundir: str | Path, spec_text: str, warn: bool = True) -> dict[st
     """The newest good state of a run, checked to belong to this spec; clear errors otherwise."""
     _, state = latest_state(rundir, warn)
     if state["spec_text"] != spec_text:
-        raise VggspecError("this run was trained from another spec (or other --set options)", str(rundir),
-                           "resume with the spec the run started from, or train into a new -o folder")
+        raise VggspecError(f"this run was trained from another spec (or other --set options): "
+                           f"{run_spec_options(state['config'])}", str(rundir),
+                           f"`vggspec train --resume {rundir}` alone takes the run's own spec and --set options; "
+                           "or train into a new -o folder")
     return state
+
+
+def read_settings(rundir: str | Path) -> dict[str, Any]:
+    """The run's settings (`config`, `spec_text`, `classes`) from its newest checkpoint whose state.json parses,
+    without reading or verifying the tensors: what `train --resume RUNDIR` needs before the run itself is
+    loaded (and verified) by the loop."""
+    rundir = Path(rundir)
+    folders = _checkpoints(rundir)
+    if not folders:
+        raise no_run_error(rundir)
+    for folder in reversed(folders):
+        try:
+            state = json.loads((folder / JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            return {k: state.get(k) for k in ("config", "spec_text", "classes")}
+    return latest_state(rundir, warn=False)[1]  # none parses: let the verification say why
+
+
+def run_spec_options(config: dict[str, Any]) -> str:
+    """What a run was trained from, as the command line would say it: `SPEC --set a=1 --set b=2`."""
+    sets = (f"--set {shlex.quote(s)}" for s in config.get("sets") or ())
+    return " ".join([shlex.quote(str(config.get("spec"))), *sets])
 
 
 def read_progress(rundir: str | Path) -> dict[str, Any]:
