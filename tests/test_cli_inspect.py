@@ -115,3 +115,4 @@ def test_wheel_ships_specs_and_templates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vggspec/specs/D.vgg" in names and "vggspec/specs/A-LRN.vgg" in names
     assert any(n.startswith("vggspec/templates/") for n in names)
+    assert "vggspec/serve/static/index.html" in names  # the serve page, read with importlib.resources
