@@ -10,7 +10,7 @@ from ..version import __version__
 from .common import ErrorHandlingGroup
 
 # Each module registers its commands on `main` through `register(main)`.
-COMMAND_MODULES = ("inspect", "compile", "export", "runtime", "train")
+COMMAND_MODULES = ("inspect", "compile", "export", "runtime", "train", "serve")
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
