@@ -170,3 +170,55 @@ def test_the_runtime_alone_predicts_and_evaluates_and_names_the_missing_extra(ru
         done = run(runtime_python, *cli, *args, cwd=tmp_path)
         assert done.returncode == 1 and f"pip install 'vggspec[{extra}]'" in done.stderr, done.stderr
         assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+SERVE_BUDGET_MB = 280  # issue 20: the edge install with the serve extra
+
+
+def _installed_mb(python: Path) -> float:
+    """What the edge environment's packages take on disk (the linked distributions, links followed)."""
+    code = ("import os, sys\n"
+            "site = [p for p in sys.path if p.endswith('/site')][0]\n"
+            "total = 0\n"
+            "for top, _, names in os.walk(site, followlinks=True):\n"
+            "    total += sum(os.stat(os.path.join(top, n)).st_size for n in names)\n"
+            "print(total)")
+    return int(subprocess.check_output([str(python), "-c", code], text=True)) / 2**20
+
+
+@pytest.fixture(scope="module")
+def serve_python(tmp_path_factory) -> Path:
+    """vggspec[cpu,serve]: the runtime plus the server, as an edge box serving exported files installs it."""
+    return _edge_env(tmp_path_factory.mktemp("serve"), ("serve",))
+
+
+def test_the_server_runs_on_the_edge_install_without_torch_within_its_size(serve_python, tmp_path):
+    import signal
+    import urllib.request
+
+    from vggspec import export_onnx, load_spec
+
+    out = run(serve_python, "-c", "import torch", cwd=tmp_path)
+    assert out.returncode != 0 and "No module named 'torch'" in out.stderr
+    done = run(serve_python, "-m", "vggspec", "serve", "--help", cwd=tmp_path)
+    assert done.returncode == 0 and "Open Inference Protocol" in done.stdout, done.stderr
+    size = _installed_mb(serve_python)
+    print(f"edge install with serve: {size:.0f} MB")
+    assert size <= SERVE_BUDGET_MB, f"{size:.0f} MB"
+    (tmp_path / "edge.vgg").write_text(SPEC)
+    export_onnx(load_spec(tmp_path / "edge.vgg"), tmp_path / "dense.onnx", fully_conv=True, scores=True)
+    proc = subprocess.Popen([str(serve_python), "-m", "vggspec", "serve", "dense.onnx", "--port", "0"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "on http://127.0.0.1:" in line, line + proc.stderr.read()
+        port = line.split("http://127.0.0.1:")[1].split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/dense", timeout=10) as resp:
+            assert json.load(resp)["inputs"][0]["name"] == "input"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
