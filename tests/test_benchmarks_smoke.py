@@ -58,3 +58,43 @@ def test_a_partial_run_refreshes_only_its_rows_of_the_targets_table(tmp_path) ->
     text = path.read_text()
     assert "| a | fa | 1 | >= 1 | met |" in text and "| b | new | 2 x | >= 1 | met |" in text
     assert "| b | old |" not in text and "old a" in text and "old b" not in text
+
+
+def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
+    """Section 8's bookkeeping without training: every trend, the fusion choice and the forest plot."""
+    import numpy as np
+
+    from benchmarks import paper
+
+    rng = np.random.default_rng(0)
+    n, scans = 120, np.repeat(np.arange(30), 4)
+    targets = np.arange(n) % 10
+
+    def fake(net: str, skill: float) -> paper.Parts:
+        post = {}
+        for kind in ("dense", "crop"):
+            for q in paper._qs(net):
+                logits = rng.normal(0, 1, (n, 10))
+                logits[np.arange(n), targets] += skill
+                e = np.exp(logits)
+                post[f"{kind}@{q}"] = e / e.sum(axis=1, keepdims=True)
+        return paper.Parts(post, targets, scans)
+
+    skills = {"A": 1, "A-raw": 1, "A-LRN-raw": 1, "B": 2, "C": 2.5, "D": 3, "E": 3, "D-tune": 3, "D-jit": 4,
+              "E-jit": 4}
+    test = {s: {k: fake(k, v) for k, v in skills.items()} for s in (0, 1, 2)}
+    val = {s: {k: test[s][k] for k in paper.FUSION_CANDIDATES} for s in (0, 1, 2)}
+    fusion = paper.choose_fusion(val, test)
+    trends = paper.all_trends(test, fusion, (0, 1, 2))
+    want = {"lrn_no_gain", "depth_helps", "conv1_worse_than_conv3", "jitter_helps", "multiscale_test_helps",
+            "combined_best", "fusion_helps", "b_worse_than_c", "e_not_better_than_d"}
+    assert want <= set(trends)
+    for t in trends.values():
+        assert t["verdict"] in ("holds", "contradicts", "inconclusive") and t["holds"] == (t["verdict"] == "holds")
+        assert len(t["interval"]) == 2 and t["seeds"] == [0, 1, 2]
+    assert trends["depth_helps"]["a_vs_d"]["verdict"] == "holds"  # skill 1 against 3 on 120 images
+    assert trends["lrn_no_gain"]["kind"] == "equivalence" and "margin" in trends["lrn_no_gain"]["top1"]
+    assert all(len(f["pair"]) == 2 for f in fusion.values())
+    png = tmp_path / "forest.png"
+    paper.forest_figure(trends, png)
+    assert png.stat().st_size > 1000
