@@ -203,6 +203,11 @@ def test_classify_multipart_and_heatmap(server, files):
     png = Image.open(io.BytesIO(base64.b64decode(heat["png"])))
     assert png.format == "PNG" and png.size == (heat["width"], heat["height"]) and min(png.size) == 96
     assert heat["label"] == result["top"][0]["label"] and len(result["top"]) == 3
+    status, _, out = server.request("POST", "/v2/models/t/classify", files["image"].read_bytes(),
+                                    {"Content-Type": "application/octet-stream"})
+    defaults = json.loads(out)  # the model's own: dense for a dense model, default_scales, default_flip
+    assert status == 200 and (defaults["protocol"], defaults["scales"], defaults["flip"]) == ("dense", [32], True)
+    assert defaults["heatmap"] is None
 
 
 def test_classify_errors(server, files):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime import protocols as protocols_module
 from ..runtime.heatmap import check_cells, overlay_png, score_map
-from ..runtime.protocols import PROTOCOLS, Protocol, Runner, default_scales, top_k
+from ..runtime.protocols import PROTOCOLS, Protocol, Runner, default_flip, default_scales, top_k
 from .oip import RequestError
 from .registry import ServedModel
 
@@ -41,19 +40,13 @@ class ClassifyParams:
         if unknown:
             raise RequestError(400, f"unknown query parameter '{_clean(unknown[0])}' (topk, protocol, scales, "
                                     "flip, heatmap)")
-        models = served.models
+        models = served.models  # their own evaluation defaults, as predict's
         protocol = query.get("protocol") or ("dense" if served.members[0].dense is not None else "multi-crop")
         if protocol not in PROTOCOLS:
             raise RequestError(400, f"protocol must be one of {', '.join(PROTOCOLS)}")
         return cls(topk=_int(query.get("topk", "5"), "topk", 1, MAX_TOPK), protocol=protocol,
                    scales=_scales(query.get("scales"), models), flip=_flag(query, "flip", default_flip(models)),
                    heatmap=_flag(query, "heatmap", False))
-
-
-def default_flip(models: list[Any]) -> bool:
-    """The models' own evaluation flip (runtime.protocols.default_flip), True where it does not exist yet."""
-    function = getattr(protocols_module, "default_flip", None)
-    return True if function is None else bool(function(models))
 
 
 def _int(text: str, name: str, low: int, high: int) -> int:
