@@ -201,3 +201,44 @@ def test_data_digits_and_train_help_need_no_torch(tmp_path: Path, vggspec_cli) -
     assert len(list((tmp_path / "d" / "test").rglob("*.png"))) == 1797 - 1258 - 269
     result = vggspec_cli("train", "--help", without_torch=True)
     assert result.returncode == 0 and "--accumulate" in result.stdout
+
+
+def test_data_sets_are_written_whole_or_not_at_all_by_one_writer(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from vggspec.atomic import folder_lock
+    from vggspec.cli import main
+
+    out = tmp_path / "d"
+    cmd = [sys.executable, "-m", "vggspec", "data", "digits", str(out), "--size", "8"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def interrupted(*extra: str) -> subprocess.CompletedProcess:
+        p = subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(out.glob(".digits.vggspec-tmp-*/train/*/*.png")):
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)  # as Ctrl-C: the half-written set is removed on the way out
+        _, err = p.communicate(timeout=60)
+        return subprocess.CompletedProcess(p.args, p.returncode, "", err)
+
+    result = interrupted()
+    assert result.returncode == 143 and "terminated" in result.stderr, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no partial set that `train` would take for a data set
+    assert CliRunner().invoke(main, ["data", "digits", str(out), "--size", "8"]).exit_code == 0
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    result = interrupted("--force", "--seed", "1")
+    assert result.returncode == 143 and sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    # A second writer into the same folder is refused, not allowed to delete the first one's set.
+    with folder_lock(out):
+        for command in (["digits", "--force"], ["scenes", "--force", "--train", "1", "--val", "1", "--test", "1"]):
+            result = CliRunner().invoke(main, ["data", command[0], str(out), *command[1:]])
+            assert result.exit_code == 1, result.output
+            assert result.output.startswith(f"{out}: error: is in use by process {os.getpid()}"), result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # the lock file is gone too

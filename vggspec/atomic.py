@@ -122,11 +122,12 @@ def write_error(path: str | Path, exc: BaseException, written: Path | None = Non
 
 
 def _about(path: Path, filename: object) -> bool:
-    """Whether an OSError's file name is `path`, its folder or one of its temporaries (or is not given)."""
+    """Whether an OSError's file name is `path` (or inside it, for a folder written in place), its folder or one
+    of its temporaries (or is not given)."""
     if filename is None:
         return True
     other = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes)) else None
-    return other is not None and (other in (path, path.parent) or (
+    return other is not None and (other == path.parent or other.is_relative_to(path) or (  # (a folder's files)
         other.parent == path.parent and other.name.startswith(f".{path.name}.{_MARK}-")))
 
 
@@ -255,3 +256,51 @@ def scratch_folder(tag: str) -> Path:
     head = f"vggspec-{tag}-{socket.gethostname()}-"
     _sweep(root, head)
     return Path(tempfile.mkdtemp(prefix=f"{head}{os.getpid()}-", dir=root))
+
+
+LOCK = ".vggspec.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, hint: str = "wait for it to finish, or use another folder") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) while the body runs: a second process (a second
+    `train -o` or `--resume` of a running run, a second `data scenes` into one folder) is refused with
+    "is in use by process N" instead of the two deleting each other's files.
+
+    The lock is flock(2) on FOLDER/.vggspec.lock, holding the owner's pid: the kernel drops it when the process
+    ends, however it ends, so a killed run never leaves a stale lock (only a file that the next run takes).
+    """
+    import fcntl  # POSIX: imported here so the runtime's modules still import where it is missing
+
+    folder = Path(folder)
+    with naming_output(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    while True:
+        with naming_output(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise VggspecError(f"is in use by process {owner}", str(folder), hint) from None
+        if _same_inode(fd, path):  # not removed by the owner that just released it: ours
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        yield folder
+    finally:
+        if _same_inode(fd, path):  # removed while held, so that a finished run leaves no lock file
+            path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, sweep_stale, temp_prefix
+from ..atomic import atomic_path
 from ..errors import DataError
-from .digits import SPLITS, check_replaceable, check_size, split_indices
+from .digits import SPLITS, check_absent, check_size, move_into_place, split_indices, staged_set
 
 VERSION = 1
 FRACTIONS = (0.6, 0.15, 0.25)
@@ -326,41 +323,24 @@ def _json_text(meta: dict[str, Any]) -> str:
     return "\n".join([*lines, "  }", "}", ""])
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished splits and scenes.json in for any old ones (only reached once everything is written)."""
-    for name in SPLITS:
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        os.replace(tmp / name, out / name)
-    os.replace(tmp / "scenes.json", out / "scenes.json")
-
-
 def write_scenes(out: str | Path, size: int = 96, counts: dict[str, int] | None = None,
                  digit_range: tuple[int, int] = (20, 64), seed: int = 0, force: bool = False,
                  clutter: float = 1.0) -> dict[str, int]:
     """Write OUT/{train,val,test}/<class>/<index>.png and OUT/scenes.json; return the image count per split.
 
     Everything is written into a hidden folder inside OUT first and moved into place at the end, so an
-    interrupted run leaves no partial data set and an old one survives a failed --force.
+    interrupted run leaves no partial data set and an old one survives a failed --force (digits.staged_set).
     """
     out = Path(out)
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     digit_range = (int(digit_range[0]), int(digit_range[1]))
     check_options(size, digit_range, counts)
-    existing = [out / s for s in SPLITS if (out / s).exists() or (out / s).is_symlink()]
-    if existing and not force:
-        raise DataError("already holds a data set", str(existing[0]), "use --force to replace it, or another folder")
-    check_replaceable(existing)  # before minutes of work, not when moving the result into place
+    check_absent(out, force)  # before minutes of work, not when moving the result into place
     scans, targets = load_scans()
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out / "scenes")  # a killed earlier run's half-written folder
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out / "scenes"), dir=out))
-    try:
+    with staged_set(out, "scenes", force) as tmp:  # OUT locked against a second writer while it runs
         meta = _generate(tmp, scans, targets, size, counts, digit_range, seed, clutter)
         (tmp / "scenes.json").write_text(_json_text(meta), encoding="utf-8")
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_into_place(tmp, out, (*SPLITS, "scenes.json"))
     return {name: counts[name] for name in SPLITS}
 
 
