@@ -92,3 +92,40 @@ def test_the_driver_stops_a_ray_run_whose_model_fails_on_every_image(tmp_path: P
         ray_eval.evaluate_on_ray(runner, [(Path(f"{i}.png"), 0) for i in range(50)], None,
                                  on_error=lambda p, m: lines.append(m))
     assert lines == ["unreadable"] * 20 + ["output 'probs' holds NaN"] * FAILURE_STREAK
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_addresses_that_cannot_work_fail_fast_and_say_so(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    model = conv_model(tmp_path / "m.onnx")
+    data, _ = _folder(tmp_path / "data", per_class=1)
+    common = [str(model), "--data", str(data)]
+    start = time.perf_counter()
+    closed = _eval([*common, "--ray", f"127.0.0.1:{_closed_port()}"], tmp_path)
+    assert closed.returncode == 1, closed.stderr
+    assert "connecting to the Ray cluster at 127.0.0.1:" in closed.stderr and "up to 30 s" in closed.stderr
+    assert "cannot connect to 127.0.0.1:" in closed.stderr and "Traceback" not in closed.stderr
+    for address, why in (("127.0.0.1:70000", "port 70000 is not from 1 to 65535"), ("head", "is not HOST:PORT"),
+                         ("ray://head:http", "the port is not a number")):
+        result = _eval([*common, "--ray", address], tmp_path)
+        assert result.returncode == 1 and why in result.stderr, result.stderr
+    # A port that takes the connection but is not Ray's: bounded by VGGSPEC_RAY_TIMEOUT.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "VGGSPEC_RAY_TIMEOUT": "3"}
+        silent = subprocess.run([sys.executable, "-m", "vggspec", "eval", *common, "--ray",
+                                 f"127.0.0.1:{server.getsockname()[1]}"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+    assert silent.returncode == 1 and "Traceback" not in silent.stderr, silent.stderr
+    assert "up to 3 s" in silent.stderr and "error:" in silent.stderr
+    assert time.perf_counter() - start < 60

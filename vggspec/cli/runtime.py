@@ -185,7 +185,8 @@ def _notes(runner: Runner, opts: ModelOptions, scales_given: bool = False) -> li
     own values (deliberate or not, results change), and no flip that a graph flipping itself cannot follow."""
     from ..runtime.protocols import defaults_note
 
-    own = defaults_note([m for mem in runner.members for m in mem.models], scales_given, opts.flip is not None)
+    own = defaults_note([m for mem in runner.members for m in mem.models], scales_given, opts.flip is not None,
+                        _used(runner, runner.protocols))
     notes = [own] if own else []
     changed = [m for mem in runner.members for m in mem.models if m.info.overridden]
     if changed:
@@ -361,9 +362,11 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run as Ray Data batch inference: on the cluster at ADDRESS (e.g. auto, ray://head:10001), "
                    "or on a local Ray instance without one. Image paths must be readable on every node.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Evaluate even when the class folders of --data are not the model's classes (names or count).")
 @model_options
 def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...], as_json: bool,
-             predictions: str | None, ray_address: str | None, models: ModelOptions) -> None:
+             predictions: str | None, ray_address: str | None, allow_mismatch: bool, models: ModelOptions) -> None:
     """Top-1 and top-5 error of MODEL (.onnx, or a .safetensors checkpoint: both forms) over a labelled image
     folder, one row per protocol and scale set."""
     if predictions:
@@ -374,7 +377,7 @@ def evaluate(data: str, protocols: tuple[str, ...], scale_sets: tuple[str, ...],
     if ray_address is not None:
         import ray  # noqa: F401  (before any work: a missing extra names what to install)
     with _runner(models, protocols, [parse_scales(s) for s in scale_sets]) as runner:
-        items, classes = _dataset(data, runner)
+        items, classes = _dataset(data, runner, allow_mismatch)
         _check_not_an_image(predictions, items)
         report = _run_eval(runner, items, ray_address, models)
     if as_json:
@@ -407,14 +410,13 @@ def _model_names(runner: Runner) -> list[str]:
     return [m.shown for mem in runner.members for m in mem.models]
 
 
-def _dataset(data: str, runner: Runner) -> tuple[list[tuple[Path, int]], list[str]]:
-    from ..errors import DataError
+def _dataset(data: str, runner: Runner, allow_mismatch: bool) -> tuple[list[tuple[Path, int]], list[str]]:
+    """--data's images and class indices (runtime.list_dataset: folders that are not the model's classes are
+    refused there, unless --allow-mismatch), for a local and a Ray evaluation alike."""
     from ..runtime import list_dataset
 
-    items, classes = list_dataset(data, runner.lead.info.labels)
-    if runner.lead.info.classes and len(classes) > runner.lead.info.classes:
-        raise DataError(f"{len(classes)} class folders for a model of {runner.lead.info.classes} classes", data)
-    return items, classes
+    info = runner.lead.info
+    return list_dataset(data, info.labels, info.classes, allow_mismatch)
 
 
 def _run_eval(runner: Runner, items: list, ray_address: str | None, models: ModelOptions) -> Report:
@@ -425,7 +427,8 @@ def _run_eval(runner: Runner, items: list, ray_address: str | None, models: Mode
         from ..runtime.ray_eval import evaluate_on_ray
 
         return evaluate_on_ray(runner, items, None if ray_address == "local" else ray_address, models.device,
-                               models.threads, models.overrides, on_error=_error_line)
+                               models.threads, models.overrides, on_error=_error_line,
+                               on_wait=lambda text: click.echo(f"note: {terminal(text)}", err=True))
     if not sys.stderr.isatty():
         return run(runner, items, on_error=_error_line)
     from rich.console import Console

@@ -14,14 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -125,8 +129,89 @@ class _Evaluator:
                 "fatal": np.array(fatal, dtype=object), "data_error": np.array(data_error)}
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> Any:
-    """Join the Ray cluster at `address`, or start a local instance (None); quiet on stdout."""
+# How long joining a cluster may take before the run stops with an error; VGGSPEC_RAY_TIMEOUT changes it.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+TIMEOUT_ENV = "VGGSPEC_RAY_TIMEOUT"
+
+
+def connect_timeout(seconds: float | None = None) -> float:
+    """`seconds`, else VGGSPEC_RAY_TIMEOUT, else DEFAULT_CONNECT_TIMEOUT; VggspecError for an unusable value."""
+    if seconds is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        try:
+            seconds = float(text) if text else DEFAULT_CONNECT_TIMEOUT
+        except ValueError:
+            seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= 86400):
+        raise VggspecError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV, seconds)} is not a number of seconds",
+                           hint="give seconds from above 0 to 86400, e.g. 120")
+    return seconds
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of `host:port` or `ray://host:port`; None for `auto` (Ray finds the cluster itself).
+    VggspecError for anything else: a missing or out-of-range port would only show as a long silent wait."""
+    if address == "auto":
+        return None
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    hint = "give --ray HOST:PORT (the head's GCS port, e.g. 6379), ray://HOST:PORT (Ray Client, 10001), or auto"
+    host, _, port = rest.rpartition(":")
+    if not host or not port:
+        raise VggspecError(f"--ray {address} is not HOST:PORT", hint=hint)
+    if not (port.isascii() and port.isdigit()):
+        raise VggspecError(f"--ray {address}: the port is not a number from 1 to 65535", hint=hint)
+    if not 1 <= int(port) <= 65535:
+        raise VggspecError(f"--ray {address}: port {int(port)} is not from 1 to 65535", hint=hint)
+    parts = urlsplit(f"//{host}:{port}")
+    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
+        raise VggspecError(f"--ray {address} is not HOST:PORT", hint=hint)
+    return parts.hostname, int(port)
+
+
+def probe(address: str, seconds: float) -> None:
+    """VggspecError, at once, when nothing listens at the address (a closed port is refused in milliseconds,
+    where Ray would retry for minutes), or nothing answers within `seconds`."""
+    target = parse_address(address)
+    if target is None:
+        return
+    host, port = target
+    try:
+        with socket.create_connection(target, timeout=seconds):
+            return
+    except socket.gaierror as exc:
+        raise VggspecError(f"--ray {address}: unknown host {host} ({exc.strerror})") from None
+    except TimeoutError:
+        raise VggspecError(f"--ray {address}: no answer from {host}:{port} within {seconds:g} s",
+                           hint=f"check the address and the firewall; {TIMEOUT_ENV}=SECONDS waits longer") from None
+    except OSError as exc:
+        raise VggspecError(f"--ray {address}: cannot connect to {host}:{port} ({exc.strerror or exc})",
+                           hint="is the Ray head running there (`ray status` on it)? "
+                                "Without ADDRESS, --ray starts a local Ray instance") from None
+
+
+def _init_within(ray: Any, seconds: float, **kwargs: Any) -> bool:
+    """ray.init in a daemon thread, waited for at most `seconds`: to a port that answers but is not a Ray
+    head's, it retries in native code for minutes, where no signal reaches it. False when it did not finish
+    (the thread is left behind; the command then exits)."""
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=init, name="vggspec-ray-init", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if failure:
+        raise failure[0]
+    return not thread.is_alive()
+
+
+def connect(address: str | None, num_cpus: int | None = None, timeout: float | None = None) -> Any:
+    """Join the Ray cluster at `address` within `timeout` seconds (connect_timeout), or start a local instance
+    (None); quiet on stdout."""
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray
 
@@ -134,7 +219,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         if address:
-            ray.init(address=address, **kwargs)
+            seconds = connect_timeout(timeout)
+            if not _init_within(ray, seconds, address=address, **kwargs):
+                raise VggspecError(f"--ray {address}: no Ray cluster answered within {seconds:g} s",
+                                   hint=f"check that ADDRESS is the Ray head's (`ray status` on it); "
+                                        f"{TIMEOUT_ENV}=SECONDS waits longer") from None
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
     context = ray.data.DataContext.get_current()
@@ -154,12 +243,22 @@ def actors(ray: Any, device: str) -> tuple[int, dict[str, float]]:
 def evaluate_on_ray(runner: Runner, items: Sequence[tuple[Path, int]], address: str | None, device: str = "cpu",
                     threads: int | None = None, overrides: Overrides | None = None,
                     on_error: Callable[[str, str], None] | None = None, num_cpus: int | None = None,
-                    batch: int = 4) -> Report:
-    """runtime.evaluate's Report, computed by Ray Data actors (local instance when `address` is None)."""
+                    batch: int = 4, timeout: float | None = None,
+                    on_wait: Callable[[str], None] | None = None) -> Report:
+    """runtime.evaluate's Report, computed by Ray Data actors (local instance when `address` is None).
+    Joining the cluster at `address` waits at most `timeout` seconds (connect_timeout), said through `on_wait`."""
     start = time.perf_counter()
+    if address:
+        seconds = connect_timeout(timeout)
+        parse_address(address)  # before saying what it waits for
+        if on_wait:
+            on_wait(f"connecting to the Ray cluster at {address} (up to {seconds:g} s; {TIMEOUT_ENV} changes it)")
+        probe(address, seconds)
     with _ray_output_to_file() as log:
         try:
-            results = _run(runner, items, address, device, threads, overrides, num_cpus, batch)
+            results = _run(runner, items, address, device, threads, overrides, num_cpus, batch, timeout)
+        except VggspecError:
+            raise
         except Exception as exc:  # Ray's own exception types: one line, and where its log is
             raise VggspecError(f"Ray evaluation failed ({type(exc).__name__}: {str(exc).strip()[:300]})",
                                hint=f"Ray's output is in {log}") from None
@@ -185,8 +284,8 @@ def evaluate_on_ray(runner: Runner, items: Sequence[tuple[Path, int]], address: 
 
 def _run(runner: Runner, items: Sequence[tuple[Path, int]], address: str | None, device: str,
          threads: int | None, overrides: Overrides | None, num_cpus: int | None,
-         batch: int) -> dict[int, tuple[np.ndarray, str, str, bool]]:
-    ray = connect(address, num_cpus)
+         batch: int, timeout: float | None = None) -> dict[int, tuple[np.ndarray, str, str, bool]]:
+    ray = connect(address, num_cpus, timeout)
     count, resources = actors(ray, device)
     spec = runner_spec(runner, device, threads if threads else 1, overrides)
     rows = [{"index": i, "path": str(path)} for i, (path, _) in enumerate(items)]
