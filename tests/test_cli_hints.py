@@ -86,3 +86,35 @@ def test_eval_ray_without_ray_says_what_to_install(tmp_path) -> None:
                        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "pip install 'vggspec[ray]'" in r.stderr, r.stderr
+
+
+BIG = "99999999999999999999"
+
+
+def test_counts_and_numbers_out_of_bounds_are_usage_errors_with_a_hint(tmp_path) -> None:
+    """vggspec.limits: every count has an upper bound, seeds are numpy's, rates are finite products."""
+    spec, data, out = "examples/digits.vgg", str(tmp_path / "d"), str(tmp_path / "o")
+    cases = [
+        (["train", spec, "--data", data, "--workers", BIG], "at most 64"),
+        (["train", spec, "--data", data, "--threads", BIG], "at most 1024"),
+        (["train", spec, "--data", data, "--batch-size", BIG], "at most 65,536"),
+        (["train", spec, "--data", data, "--epochs", BIG], "at most 100,000"),
+        (["train", spec, "--data", data, "--seed", "-1"], "a seed from 0 to 4294967295"),
+        (["train", spec, "--data", data, "--seed", str(2**32)], "a seed from 0 to 4294967295"),
+        (["train", spec, "--data", data, "--lr", "1e308"], "0<x<=10"),
+        (["train", spec, "--data", data, "--weight-decay", "1e308"], "0<=x<=1"),
+        (["data", "scenes", out, "--train", BIG], "at most 10,000,000 images per split"),
+        (["data", "scenes", out, "--clutter", "nan"], "not a finite number"),
+        (["data", "scenes", out, "--seed", "-1"], "a seed from 0"),
+        (["data", "digits", out, "--seed", str(2**40)], "a seed from 0"),
+        (["init", spec, "--seed", "-1", "-o", out], "a seed from 0"),
+        (["export", spec, "--seed", "-1", "-o", out], "a seed from 0"),
+        (["predict", "m.onnx", "x.png", "--threads", BIG], "at most 1024"),
+        (["eval", "m.onnx", "--data", data, "--batch-size", BIG], "at most 65,536"),
+    ]
+    for args, hint in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and hint in result.output, (args, result.output)
+    result = CliRunner().invoke(main, ["data", "scenes", out, "--train", "9000000", "--size", "4096"])
+    assert result.exit_code == 2 and "GB free" in result.output, result.output
+    assert not (tmp_path / "o").exists()

@@ -211,3 +211,29 @@ def test_a_node_killed_mid_run_resumes_on_both_nodes_exactly(two_node_runs: Path
     assert a.extra["train.step"] == b.extra["train.step"] == str(4 * (24 // 8))
     for key in a.tensors:
         np.testing.assert_array_equal(a.tensors[key], b.tensors[key], err_msg=key)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "abc"}, "RANK='abc' is not a whole number"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT are not set"),
+    ({"RANK": "1"}, "RANK=1 is set without WORLD_SIZE"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "RANK=3 is outside WORLD_SIZE=2"),
+])
+def test_a_broken_torchrun_environment_is_named_before_training(tmp_path, monkeypatch, env, message):
+    from click.testing import CliRunner
+
+    from vggspec.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = tiny_spec(tmp_path / "t.vgg")
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "data"), "-o",
+                                       str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "torchrun" in result.output and "internal" not in result.output
+    assert not (tmp_path / "run").exists()

@@ -179,6 +179,31 @@ class FiniteRange(click.FloatRange):
         return number
 
 
+class Bounded(click.IntRange):
+    """An IntRange whose usage error ends with a hint: the bounds come from vggspec.limits."""
+
+    def __init__(self, low: int, high: int, hint: str | None = None) -> None:
+        super().__init__(low, high)
+        self.hint = hint
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            if self.hint is None:
+                raise
+            self.fail(f"{exc.message.rstrip('.')}; give {self.hint}", param, ctx)
+
+
+def bounded(name: str, low: int = 0) -> Bounded:
+    """The option type of a count bounded in vggspec.limits (name: workers, threads, batch_size, epochs, seed)."""
+    from .. import limits
+
+    high = {"workers": limits.MAX_WORKERS, "threads": limits.MAX_THREADS, "batch_size": limits.MAX_BATCH_SIZE,
+            "epochs": limits.MAX_EPOCHS, "seed": limits.MAX_SEED}[name]
+    return Bounded(low, high, limits.hints()[name])
+
+
 def examples(*lines: str) -> str:
     """A command's epilog: real invocations, kept on their own lines by click's \\b marker."""
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)

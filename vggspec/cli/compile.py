@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_output, examples, load_graph, set_option, spec_argument
+from .common import bounded, check_output, examples, load_graph, set_option, spec_argument
 
 SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without importing numpy here
 
@@ -63,7 +63,7 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
 @click.option("--init-from", metavar="CKPT", type=click.Path(dir_okay=False),
               help="A shallower net's checkpoint (net A in the paper): copy its first four conv and last three "
                    "FC layers, initialise the rest.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("-o", "--output", required=True, metavar="OUT.safetensors", help="The checkpoint to write (atomically).")
 @set_option
 def init(spec: str, scheme: str | None, init_from: str | None, seed: int, output: str, sets: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import VggspecError
-from .common import check_output, check_side, examples, load_graph, set_option
+from .common import bounded, check_output, check_side, examples, load_graph, set_option
 
 if TYPE_CHECKING:
     from ..preprocessing import Preprocessing
@@ -48,7 +48,7 @@ def _size(path: Path) -> str:
 @click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 17, IR version 8).")
 @click.option("--static-shape", metavar="NxHxW", default=None, callback=lambda ctx, param, v: _static(v),
               help="Fix every input and output dimension, e.g. 1x384x512 (edge compilers, tract, TensorRT).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True,
               help="Seed of the initialisation when there is no --weights.")
 @click.option("-o", "--output", metavar="OUT.onnx", help="The file to write (atomically). Needed unless --triton-repo.")
 @click.option("--triton-repo", metavar="DIR", type=click.Path(file_okay=False),
@@ -61,11 +61,19 @@ def _size(path: Path) -> str:
 @click.option("--max-delay-us", type=click.IntRange(min=0), default=None, metavar="US",
               help="With --triton-repo: the dynamic batcher's max_queue_delay_microseconds (default 5000).")
 @click.option("--force", is_flag=True, help="With --triton-repo: replace a model folder of that name.")
+@click.option("--test-scales", metavar="Q1,Q2,...", default=None, callback=lambda ctx, param, v: _test_scales(v),
+              help="The model's default test scales, written into its metadata for predict, eval and servers. "
+                   "Default: from a trained checkpoint's scale range (the paper's {Smin, middle, Smax} for "
+                   "jitter, S for a fixed S); none otherwise (the input side).")
+@click.option("--test-flip/--no-test-flip", default=None,
+              help="Whether predict, eval and servers average the mirror image by default. "
+                   "Default: a trained checkpoint's flip policy; unstated otherwise (flip).")
 @set_option
 def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, scores: bool, precision: str,
            calibration: str | None, embed_preprocessing: bool, opset: int | None, static_shape: tuple | None,
            seed: int, output: str | None, triton_repo: str | None, triton_name: str | None, max_batch: int | None,
-           max_delay_us: int | None, force: bool, sets: tuple[str, ...]) -> None:
+           max_delay_us: int | None, force: bool, sets: tuple[str, ...], test_scales: tuple[int, ...] | None = None,
+           test_flip: bool | None = None) -> None:
     """Compile SPEC to an ONNX model for onnxruntime, without torch.
 
     Node and initializer names are the spec's layer names (conv1_1, fc6, ...). The metadata
@@ -78,6 +86,7 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
         raise click.UsageError("give -o OUT.onnx, --triton-repo DIR, or both")
     check_output(output, ("SPEC", spec), ("--weights", weights))
     graph, tensors, metadata = _graph_and_weights(spec, weights, sets)
+    metadata |= {k: v for k, v in (("test_scales", test_scales), ("test_flip", test_flip)) if v is not None}
     opset = DEFAULT_OPSET if opset is None else opset
     options = ExportOptions(fully_conv=fully_conv, flip=flip, scores=scores, precision=precision,
                             calibration=calibration, embed_preprocessing=embed_preprocessing, opset=opset, seed=seed,
@@ -92,7 +101,9 @@ def export(spec: str | None, weights: str | None, fully_conv: bool, flip: bool, 
         return
     traits = [("fully convolutional", fully_conv), ("flips in-graph", flip), ("score map output", scores),
               ("uint8 NHWC input, preprocessing in-graph", embed_preprocessing),
-              (f"static shape {'x'.join(map(str, static_shape or ()))}", static_shape is not None)]
+              (f"static shape {'x'.join(map(str, static_shape or ()))}", static_shape is not None),
+              (f"tested at Q={','.join(map(str, options.test_scales or ()))}", bool(options.test_scales)),
+              ("without flip" if options.test_flip is False else "with flip", options.test_flip is not None)]
     form = "".join(f", {name}" for name, on in traits if on)
     click.echo(f"wrote {output} ({graph.meta.name}, {_size(Path(output))}, opset {opset}, {precision}{form})")
 
@@ -130,6 +141,16 @@ def _write_triton(triton: tuple, name: str, output: str | None, export_to: Calla
     return write_repository(repo, name, copy_output if output else export_to, options, force)
 
 
+def _test_scales(text: str | None) -> tuple[int, ...] | None:
+    """`73,110,146` -> (73, 110, 146)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdecimal() and len(p) <= 6 and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of positive integers, e.g. 73,110,146")
+    return tuple(int(p) for p in parts)
+
+
 def _static(text: str | None) -> tuple[int, int, int] | None:
     """`1x384x512` -> (1, 384, 512)."""
     if text is None:
@@ -156,7 +177,10 @@ def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, .
         graph = checkpoint_graph(ckpt, weights, sets)
     _refuse_preprocessing_sets(sets, graph.meta.preprocessing, ckpt.preprocessing, weights)
     check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
-    return graph, ckpt.tensors, {"labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing}
+    from ..backends.onnx_checkpoint import checkpoint_protocol
+
+    return graph, ckpt.tensors, {"labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing,
+                                 **checkpoint_protocol(ckpt, weights)}  # how it was trained: how it is tested
 
 
 def _refuse_preprocessing_sets(sets: tuple[str, ...], asked: Preprocessing, trained: Preprocessing | None,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..display import terminal
-from .common import FiniteRange, examples, fail, parse_hw
+from .common import FiniteRange, bounded, examples, fail, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
@@ -119,8 +119,8 @@ def model_options(f: F) -> F:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
                      show_default=True, help="auto: the first of TensorRT, CUDA, CPU that initialises; "
                                              "cuda/tensorrt fail rather than fall back."),
-        click.option("--threads", type=click.IntRange(min=1), metavar="N", help="onnxruntime intra-op threads."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
+        click.option("--threads", type=bounded("threads", 1), metavar="N", help="onnxruntime intra-op threads."),
+        click.option("--batch-size", type=bounded("batch_size", 1), default=10, show_default=True,
                      help="Crops per onnxruntime run (memory grows with it)."),
         click.option("--labels", "labels", metavar="FILE", type=click.Path(dir_okay=False),
                      help="Class names: one per line, or a JSON list (default: the model's)."),

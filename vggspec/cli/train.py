@@ -12,8 +12,13 @@ from typing import Any
 import click
 
 from ..display import terminal
+from ..limits import MAX_CLUTTER, MAX_LR, MAX_SCENES, MAX_WEIGHT_DECAY, scenes_bytes
 from ..train.config import MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
-from .common import FiniteRange, examples, set_option
+from .common import Bounded, FiniteRange, bounded, examples, set_option
+
+# Images per split of `data scenes`; the hint says what the largest count would take on disk (--size 96).
+SCENES = Bounded(0, MAX_SCENES, f"at most {MAX_SCENES:,} images per split (about "
+                                f"{scenes_bytes(MAX_SCENES, 96) / 1e9:.0f} GB at --size 96)")
 
 # The options a resumed run takes from the command line; the rest come from the run.
 RESUMABLE = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE_OVERRIDES)
@@ -42,22 +47,22 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Run folder: model.safetensors, state/, metrics.jsonl, metrics.png. Default runs/<spec name>.")
 @click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
               help="Training scale: fixed S (256) or jittered per image (256:512). Default: input side x 256/224.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+@click.option("--batch-size", type=bounded("batch_size", 1), default=256, show_default=True,
               help="Global batch, over all processes.")
-@click.option("--accumulate", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--accumulate", type=bounded("batch_size", 1), default=1, show_default=True,
               help="Split each batch into N micro-batches whose gradients add up (for memory).")
-@click.option("--lr", type=FiniteRange(0, min_open=True), default=1e-2, show_default=True,
+@click.option("--lr", type=FiniteRange(0, MAX_LR, min_open=True), default=1e-2, show_default=True,
               help="Learning rate (1e-3 to fine-tune).")
 @click.option("--momentum", type=FiniteRange(0, 1, max_open=True), default=0.9, show_default=True)
-@click.option("--weight-decay", type=FiniteRange(0), default=5e-4, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=74, show_default=True)
+@click.option("--weight-decay", type=FiniteRange(0, MAX_WEIGHT_DECAY), default=5e-4, show_default=True)
+@click.option("--epochs", type=bounded("epochs", 1), default=74, show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
               help="Epochs without a better val accuracy before the rate is divided by 10 (at most 3 times).")
 @click.option("--init-from", metavar="CKPT", default=None,
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
 @click.option("--weights", metavar="CKPT", default=None,
               help="Start from these weights (fine-tuning). Not with --init-from.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True)
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
 @click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
               help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
@@ -65,8 +70,8 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help=f"Continue the run in RUNDIR where it stopped, with its own spec, --set options, data folder, "
                    f"settings and class folders (SPEC and --data may be left out); it takes only {RESUMABLE} "
                    "(a larger --epochs extends it).")
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader worker processes.")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--workers", type=bounded("workers"), default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--threads", type=bounded("threads"), default=0, show_default=True,
               help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
 @click.option("--lighting", type=FiniteRange(0), default=0.1, show_default=True,
@@ -188,7 +193,8 @@ def data() -> None:
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--size", type=click.IntRange(8, MAX_DATA_SIZE), default=32, show_default=True,
               help="Side of the written images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified 70/15/15 split.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True,
+              help="Seed of the stratified 70/15/15 split.")
 @click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
 def digits(out: str, size: int, seed: int, force: bool) -> None:
     """Write scikit-learn's 1797 handwritten digits (8x8 scans, bundled) as DIR/{train,val,test}/<digit>/*.png."""
@@ -205,16 +211,17 @@ def digits(out: str, size: int, seed: int, force: bool) -> None:
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--size", type=click.IntRange(16, MAX_DATA_SIZE), default=96, show_default=True,
               help="Side of the written images.")
-@click.option("--train", "n_train", type=click.IntRange(0), default=6000, show_default=True, help="Training images.")
-@click.option("--val", "n_val", type=click.IntRange(0), default=1000, show_default=True, help="Validation images.")
-@click.option("--test", "n_test", type=click.IntRange(0), default=2000, show_default=True, help="Test images.")
+@click.option("--train", "n_train", type=SCENES, default=6000, show_default=True, help="Training images.")
+@click.option("--val", "n_val", type=SCENES, default=1000, show_default=True, help="Validation images.")
+@click.option("--test", "n_test", type=SCENES, default=2000, show_default=True, help="Test images.")
 @click.option("--min-digit", type=click.IntRange(8), default=20, show_default=True,
               help="Smallest digit side in pixels (sides are log-uniform between the two).")
 @click.option("--max-digit", type=click.IntRange(8), default=64, show_default=True,
               help="Largest digit side in pixels, at most --size.")
-@click.option("--clutter", type=click.FloatRange(0, 4), default=1.0, show_default=True,
+@click.option("--clutter", type=FiniteRange(0, MAX_CLUTTER), default=1.0, show_default=True,
               help="Scales the background texture, the number of stroke fragments and the pixel noise (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 60/15/25 split and of every image.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True,
+              help="Seed of the 60/15/25 split and of every image.")
 @click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
 @click.option("--preview", metavar="PNG", default=None, help="Also write a grid of the first 24 scenes to PNG.")
 def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit: int, max_digit: int,
@@ -234,6 +241,7 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
         gen.check_options(size, (min_digit, max_digit), counts)
     except DataError as exc:
         raise click.UsageError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
+    _check_disk(out, sum(counts.values()), size)
     if preview:
         _check_preview(preview, out)  # before a minute of work, not after
     counts = gen.write_scenes(out, size=size, counts=counts, digit_range=(min_digit, max_digit), seed=seed,
@@ -241,6 +249,23 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
     shown = f"; preview in {gen.preview(out, preview)}" if preview else ""
     listed = ", ".join(f"{k} {v}" for k, v in counts.items())
     click.echo(f"wrote {out}: {listed} images, {size}x{size} RGB, digits {min_digit}-{max_digit} px{shown}")
+
+
+def _check_disk(out: str, count: int, size: int) -> None:
+    """Refuse a set whose rough size (limits.scenes_bytes) is over the free space where DIR will be."""
+    import shutil
+
+    need = scenes_bytes(count, size)
+    folder = Path(out).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need > free:
+        raise click.UsageError(f"{count:,} scenes of {size}x{size} take about {need / 1e9:.1f} GB; {folder} has "
+                               f"{free / 1e9:.1f} GB free (give smaller --train/--val/--test or --size)")
 
 
 def _check_preview(preview: str, out: str) -> None:

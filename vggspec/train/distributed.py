@@ -35,9 +35,11 @@ def setup(device: str = "auto") -> World:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise VggspecError("--device cuda, but torch sees no CUDA device", hint="use --device cpu or auto")
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, size, local = launch_environment()
     if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise VggspecError(f"LOCAL_RANK={local}, but torch sees {torch.cuda.device_count()} CUDA device(s)",
+                               hint="start at most one process per GPU (torchrun --nproc-per-node)")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
@@ -47,6 +49,43 @@ def setup(device: str = "auto") -> World:
     if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return World(rank, size, local, dev, launched)
+
+
+LAUNCH_HINT = ("start several processes with `torchrun --nproc-per-node N -m vggspec train ...`, which sets them "
+               "all; for one process, unset RANK, WORLD_SIZE and LOCAL_RANK")
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise VggspecError(f"{name}={text!r} is not a whole number", hint=LAUNCH_HINT) from None
+    if value < low:
+        raise VggspecError(f"{name}={value} must be at least {low}", hint=LAUNCH_HINT)
+    return value
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, checked: VggspecError naming the variable when
+    one is not a number, a rank is outside the world, or a world of several processes lacks its rendezvous.
+    A stale RANK=1 left in a shell would otherwise train as a rank that writes nothing."""
+    size = _env_int("WORLD_SIZE", 1, 1)
+    rank, local = _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
+    if "WORLD_SIZE" not in os.environ and "RANK" in os.environ and rank != 0:
+        raise VggspecError(f"RANK={rank} is set without WORLD_SIZE: alone, this process would be rank {rank} of 1 "
+                           "(left over from another launch?)", hint=LAUNCH_HINT)
+    if rank >= size:
+        raise VggspecError(f"RANK={rank} is outside WORLD_SIZE={size} (ranks run from 0 to {size - 1})",
+                           hint=LAUNCH_HINT)
+    if size > 1:
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
+        if missing:
+            raise VggspecError(f"WORLD_SIZE={size} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                               "not set: the processes cannot find each other", hint=LAUNCH_HINT)
+    return rank, size, local
 
 
 def teardown(world: World, finished: bool = True) -> None:
