@@ -67,3 +67,48 @@ def test_a_broken_caffemodel_is_a_named_error(tmp_path: Path, content: bytes) ->
                                        "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "Traceback" not in result.output and "internal error" not in result.output
     assert "bad.caffemodel" in result.output and not (tmp_path / "x.safetensors").exists()
+
+
+def _npz_with_header(path: Path, arrays: dict[str, np.ndarray], claimed: dict[str, tuple[int, ...]]) -> Path:
+    """An .npz whose members `claimed` say a huge shape in their .npy header, followed by a few bytes: what
+    a decompression bomb looks like before it unpacks."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+        for name, shape in claimed.items():
+            buffer = io.BytesIO()
+            npy.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            archive.writestr(f"{name}.npy", buffer.getvalue() + bytes(1 << 20))
+    return path
+
+
+def test_npz_headers_are_read_before_any_blob_is_unpacked(tmp_path: Path) -> None:
+    import resource
+    import time
+
+    blobs = _release(tmp_path)
+    good = tmp_path / "good.npz"
+    np.savez(good, **blobs)
+    args = ["weights", "import", "--from", "caffe", "--spec", "D", *SETS]
+    result = CliRunner().invoke(main, [*args[:4], str(good), *args[4:], "-o", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    bomb_blobs = {k: v for k, v in blobs.items() if k != "fc6.weight"}
+    bomb = _npz_with_header(tmp_path / "bomb.npz", bomb_blobs, {"fc6.weight": (50_000, 10_000)})  # 2 GB said
+    assert bomb.stat().st_size < 4 << 20
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    result = CliRunner().invoke(main, [*args[:4], str(bomb), *args[4:], "-o", str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 1, result.output
+    assert "blob fc6.weight has shape (50000, 10000) (500,000,000 values); the spec's layer has" in result.output
+    assert time.perf_counter() - start < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: nothing near 2 GB
+    extra = _npz_with_header(tmp_path / "extra.npz", blobs, {"stowaway": (50_000, 10_000)})
+    result = CliRunner().invoke(main, [*args[:4], str(extra), *args[4:], "-o", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 1 and "unexpected blob stowaway" in result.output, result.output
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "c.safetensors").exists()

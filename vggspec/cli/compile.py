@@ -123,7 +123,7 @@ def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[s
         from ..weights import caffe
 
         graph = load_graph(spec, sets)
-        tensors = caffe.from_caffe(graph, caffe.load_blobs(file), file)
+        tensors = caffe.from_caffe(graph, caffe.load_blobs(file, graph), file)  # only the blobs the spec needs
         preprocessing = caffe.PREPROCESSING
     if preprocessing.problem(graph.meta.input_shape[0]):  # ImageNet's RGB statistics, a network of other channels
         preprocessing = graph.meta.preprocessing

@@ -35,24 +35,101 @@ PREPROCESSING = Preprocessing(scale=1.0, mean=MEAN_BGR[::-1], std=(1.0, 1.0, 1.0
 _BLOBS = {"weight": ("weight", "0"), "bias": ("bias", "1")}
 
 
-def load_blobs(path: str | Path) -> dict[str, np.ndarray]:
-    """Blobs from a .caffemodel (Caffe's protobuf), a .npz (no pickles) or a .safetensors file."""
+# Without a spec to say which blobs are wanted, the most a .npz may unpack to: VGG-19's 144 M floats, twice.
+MAX_UNKNOWN_BYTES = 2 * 144_000_000 * 4
+
+
+def load_blobs(path: str | Path, graph: LayerGraph | None = None) -> dict[str, np.ndarray]:
+    """Blobs from a .caffemodel (Caffe's protobuf), a .npz (no pickles) or a .safetensors file.
+
+    With `graph`, a .npz or .safetensors file's headers are read first (names, shapes, types) and checked
+    against the blobs the spec needs, and only those are loaded: a small compressed file whose arrays would
+    unpack to gigabytes is refused before anything is allocated."""
     path = Path(path)
     require_file(path, WeightsError, "a weights file")
     if path.suffix == ".caffemodel":
         from .caffe_proto import read_caffemodel
 
         return read_caffemodel(path)
+    expected = _expected_sizes(graph, str(path)) if graph is not None else None
     try:
         if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            return dict(load_file(str(path)))
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:  # numpy and safetensors raise many kinds of errors for damaged files
+            return _safetensors_blobs(path, expected)
+        return _npz_blobs(path, expected)
+    except WeightsError:
+        raise
+    except Exception as exc:  # numpy, zipfile and safetensors raise many kinds of errors for damaged files
         raise WeightsError(f"cannot read Caffe blobs ({exc})", str(path),
                            "give a .caffemodel, or blobs in a .npz or .safetensors file") from None
+
+
+def _expected_sizes(graph: LayerGraph, path: str) -> dict[str, int]:
+    """Every blob name the spec takes (both spellings: conv1_1.weight and conv1_1.0) -> its element count."""
+    if graph.of_op("bn"):
+        raise WeightsError("the Caffe release has no batch norm; use a spec with norm: none", path)
+    sizes = {}
+    for key, shape in param_shapes(graph).items():
+        name, kind = key.split(".", 1)
+        for alias in _BLOBS[kind]:
+            sizes[f"{name}.{alias}"] = int(np.prod(shape))
+    return sizes
+
+
+def _check_header(name: str, shape: tuple[int, ...], dtype: np.dtype, expected: dict[str, int] | None,
+                  path: Path) -> int:
+    """The blob's size in bytes, once its name, type and element count are what the spec needs."""
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise WeightsError(f"blob {name} holds {dtype}, not numbers", str(path))
+    count = int(np.prod(shape, dtype=np.float64))
+    if expected is not None:
+        if name not in expected:
+            raise WeightsError(f"unexpected blob {name} (the spec has no such layer)", str(path))
+        if count != expected[name]:
+            raise WeightsError(f"blob {name} has shape {tuple(shape)} ({count:,} values); the spec's layer has "
+                               f"{expected[name]:,}", str(path), "import with the spec the blobs were trained for")
+    return count * dtype.itemsize
+
+
+def _npz_blobs(path: Path, expected: dict[str, int] | None) -> dict[str, np.ndarray]:
+    """A .npz is a zip of .npy files: every member's header is read (a few bytes each) before any array."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path) as archive:
+        members, total = [], 0
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            with archive.open(info) as f:
+                version = npy.read_magic(f)
+                read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read(f)
+            total += _check_header(name, shape, dtype, expected, path)
+            members.append((name, info))
+        if expected is None and total > MAX_UNKNOWN_BYTES:
+            raise WeightsError(f"the blobs would unpack to {total / 1e9:.1f} GB", str(path),
+                               "no Caffe release of VGG is that large")
+        blobs = {}
+        for name, info in members:
+            with archive.open(info) as f:
+                blobs[name] = npy.read_array(f, allow_pickle=False)
+        return blobs
+
+
+def _safetensors_blobs(path: Path, expected: dict[str, int] | None) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        names = list(f.keys())
+        for name in names:
+            sliced = f.get_slice(name)
+            dtype = np.dtype(_SAFETENSORS_DTYPES.get(sliced.get_dtype(), "O"))
+            _check_header(name, tuple(sliced.get_shape()), dtype, expected, path)
+        return {name: f.get_tensor(name) for name in names}
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16",
+                       "I32": "int32", "I64": "int64", "U8": "uint8"}
 
 
 def from_caffe(graph: LayerGraph, blobs: Mapping[str, np.ndarray], path: str | None = None) -> dict[str, np.ndarray]:
