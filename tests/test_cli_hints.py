@@ -118,3 +118,17 @@ def test_counts_and_numbers_out_of_bounds_are_usage_errors_with_a_hint(tmp_path)
     result = CliRunner().invoke(main, ["data", "scenes", out, "--train", "9000000", "--size", "4096"])
     assert result.exit_code == 2 and "GB free" in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_empty_paths_and_unusable_preprocessing_values_are_usage_errors(tmp_path) -> None:
+    data = str(tmp_path / "d")
+    for args in (["data", "scenes", ""], ["data", "digits", " "], ["train", "examples/digits.vgg", "--data", data,
+                                                                     "-o", ""],
+                 ["train", "examples/digits.vgg", "--resume", ""], ["eval", "m.onnx", "--data", data,
+                                                                    "--predictions", ""],
+                 ["predict", "m.onnx", "x.png", "--heatmap", ""]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "is empty; give a path" in result.output, (args, result.output)
+    for option, value in (("--std", "1e308"), ("--std", "1e-300"), ("--mean", "1e308"), ("--scale", "1e308")):
+        result = CliRunner().invoke(main, ["predict", "m.onnx", "x.png", option, value])
+        assert result.exit_code == 2 and "must be" in result.output, (option, result.output)

@@ -179,6 +179,13 @@ class FiniteRange(click.FloatRange):
         return number
 
 
+def not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A path option or argument given as '': a usage error, not the current folder or the default in disguise."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter("is empty; give a path")
+    return value
+
+
 class Bounded(click.IntRange):
     """An IntRange whose usage error ends with a hint: the bounds come from vggspec.limits."""
 

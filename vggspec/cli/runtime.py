@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..display import terminal
-from .common import FiniteRange, bounded, examples, fail, parse_hw
+from ..limits import MAX_PREPROCESSING, MIN_STD
+from .common import FiniteRange, bounded, examples, fail, not_empty, parse_hw
 
 if TYPE_CHECKING:
     from ..runtime import Member, Model, Protocol, Report, Runner
@@ -59,13 +60,17 @@ def _floats(text: str | None, what: str, positive: bool = False) -> tuple[float,
     except ValueError:
         raise click.BadParameter(f"--{what} '{text}' is not a comma-separated list of numbers") from None
     if not values or not all(_usable(v, positive) for v in values):
-        kind = "positive numbers" if positive else "finite numbers"
+        kind = f"numbers from {MIN_STD:g} to {MAX_PREPROCESSING:g}" if positive else \
+            f"numbers from -{MAX_PREPROCESSING:g} to {MAX_PREPROCESSING:g}"
         raise click.BadParameter(f"--{what} '{text}' must be {kind}, one per channel (or one for all)")
     return values
 
 
 def _usable(value: float, positive: bool) -> bool:
-    return math.isfinite(value) and (value > 0 or not positive)
+    """Finite, and (limits) small enough that normalised pixels stay finite float32 numbers."""
+    if not (math.isfinite(value) and abs(value) <= MAX_PREPROCESSING):
+        return False
+    return value >= MIN_STD if positive else True
 
 
 def read_labels(path: str | None) -> tuple[str, ...] | None:
@@ -80,7 +85,8 @@ def _overrides(size: str | None, mean: str | None, std: str | None, scale: float
     from ..runtime import Overrides
 
     if scale is not None and not _usable(scale, positive=True):
-        raise click.BadParameter(f"--scale {scale} must be a positive number, e.g. 0.00392 (1/255)")
+        raise click.BadParameter(f"--scale {scale} must be a number from {MIN_STD:g} to {MAX_PREPROCESSING:g}, "
+                                 "e.g. 0.00392 (1/255)")
     return Overrides(size=parse_hw(size), mean=_floats(mean, "mean"), std=_floats(std, "std", positive=True),
                      scale=scale, labels=read_labels(labels))
 
@@ -235,7 +241,7 @@ def _error_line(path: str, message: str) -> None:
                    "Default: the model's own test scales (from its training scales), else its input side.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-@click.option("--heatmap", metavar="DIR", type=click.Path(file_okay=False),
+@click.option("--heatmap", metavar="DIR", type=click.Path(file_okay=False), callback=not_empty,
               help="Write the top class's score map over each image to DIR/<image>.png (needs a `scores` output).")
 @model_options
 def predict(images: tuple[str, ...], protocol: str | None, scales: str | None, top: int, as_json: bool,
@@ -357,7 +363,7 @@ def _draw_heatmap(model: Model, image: str, proto: Protocol, posterior: Any, fol
                    "e.g. --scales 256 --scales 256,384,512. Default: the model's own test scales (from its "
                    "training scales), else its input side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-@click.option("--predictions", metavar="FILE.csv", default=None,
+@click.option("--predictions", metavar="FILE.csv", default=None, callback=not_empty,
               help="Also write each image's true class and top-1 class under every row, one CSV line per image.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run as Ray Data batch inference: on the cluster at ADDRESS (e.g. auto, ray://head:10001), "

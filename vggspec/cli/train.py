@@ -14,7 +14,7 @@ import click
 from ..display import terminal
 from ..limits import MAX_CLUTTER, MAX_LR, MAX_SCENES, MAX_WEIGHT_DECAY, scenes_bytes
 from ..train.config import MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
-from .common import Bounded, FiniteRange, bounded, examples, set_option
+from .common import Bounded, FiniteRange, bounded, examples, not_empty, set_option
 
 # Images per split of `data scenes`; the hint says what the largest count would take on disk (--size 96).
 SCENES = Bounded(0, MAX_SCENES, f"at most {MAX_SCENES:,} images per split (about "
@@ -43,7 +43,7 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.argument("spec", metavar="[SPEC]", required=False)
 @click.option("--data", metavar="DIR", type=click.Path(file_okay=False),
               help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*. Required, except with --resume.")
-@click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None,
+@click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None, callback=not_empty,
               help="Run folder: model.safetensors, state/, metrics.jsonl, metrics.png. Default runs/<spec name>.")
 @click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
               help="Training scale: fixed S (256) or jittered per image (256:512). Default: input side x 256/224.")
@@ -66,7 +66,7 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
 @click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
               help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
-@click.option("--resume", "resume", metavar="RUNDIR", default=None,
+@click.option("--resume", "resume", metavar="RUNDIR", default=None, callback=not_empty,
               help=f"Continue the run in RUNDIR where it stopped, with its own spec, --set options, data folder, "
                    f"settings and class folders (SPEC and --data may be left out); it takes only {RESUMABLE} "
                    "(a larger --epochs extends it).")
@@ -190,7 +190,7 @@ def data() -> None:
 
 
 @data.command(epilog=examples("vggspec data digits data/digits"))
-@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False), callback=not_empty)
 @click.option("--size", type=click.IntRange(8, MAX_DATA_SIZE), default=32, show_default=True,
               help="Side of the written images.")
 @click.option("--seed", type=bounded("seed"), default=0, show_default=True,
@@ -208,7 +208,7 @@ def digits(out: str, size: int, seed: int, force: bool) -> None:
 @data.command(epilog=examples(
     "vggspec data scenes data/scenes --preview scenes.png",
     "vggspec data scenes data/easy --clutter 0.5 --min-digit 32"))
-@click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.argument("out", metavar="DIR", type=click.Path(file_okay=False), callback=not_empty)
 @click.option("--size", type=click.IntRange(16, MAX_DATA_SIZE), default=96, show_default=True,
               help="Side of the written images.")
 @click.option("--train", "n_train", type=SCENES, default=6000, show_default=True, help="Training images.")

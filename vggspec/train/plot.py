@@ -13,20 +13,27 @@ PLOT = "metrics.png"
 
 
 def append_metrics(rundir: Path, row: dict[str, Any]) -> None:
-    with open(rundir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    """Add an epoch's row. The file is rewritten whole and atomically, as every other output: a link there is
+    replaced, never followed out of the run, and rows of later epochs (a stale file of an earlier run in the
+    folder, an abandoned timeline) are dropped, so the epochs always run 1, 2, ... once each."""
+    rows = [r for r in read_metrics(rundir) if r.get("epoch", 0) < row["epoch"]]
+    write_text_atomic(rundir / METRICS, "".join(json.dumps(r) + "\n" for r in [*rows, row]))
 
 
 def read_metrics(rundir: Path) -> list[dict[str, Any]]:
+    """The run's rows; none when RUNDIR/metrics.jsonl is missing, or a link (to a file outside the run, perhaps)
+    or not a regular file (a pipe would block the read)."""
     path = rundir / METRICS
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
     return rows
 
 
@@ -48,7 +55,9 @@ def plot_metrics(rundir: Path, rows: list[dict[str, Any]], title: str = "") -> P
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="training loss")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s--", label="validation loss")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.set_yscale("log")
+    losses = [r[k] for r in rows for k in ("train_loss", "val_loss")]
+    if losses and min(losses) > 0:  # a 1-class run's loss is 0: a log axis has nothing to show, and warns
+        ax_loss.set_yscale("log")
     ax_err.plot(epochs, [100 * r["val_top1_err"] for r in rows], "o-", label="val top-1 error")
     ax_err.plot(epochs, [100 * r["val_top5_err"] for r in rows], "s-", label="val top-5 error")
     ax_err.plot(epochs, [100 * r["train_top1_err"] for r in rows], ":", color="gray", label="train top-1 error")
