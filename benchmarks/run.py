@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `vggspec
 from .common import Config, CpuSnapshot, describe_machine, load, set_threads  # noqa: E402
 from .report import RESULTS, Section, merge_results, print_section, write_results  # noqa: E402
 
-SECTIONS = ("compile", "export", "inference", "precision", "protocols", "training", "gpu", "paper", "ray_eval")
+SECTIONS = ("compile", "export", "inference", "precision", "protocols", "training", "gpu", "paper", "ray_eval", "serve")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

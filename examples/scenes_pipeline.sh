@@ -14,6 +14,10 @@
 # kept the nets at chance for most of the run), batch 32, lr divided by 10 after 3 epochs without a
 # better val accuracy. Flips are off in training and testing: a mirrored digit is another glyph.
 # One process, the decoded set in memory, both cores.
+#
+# The exported model carries how it is tested (vggspec.test_scales, vggspec.test_flip): trained with
+# S in [73, 146] and no flips, it is tested at Q = 73, 110, 146 without flips unless told otherwise, so
+# a plain `vggspec eval "$RUN/d_dense.onnx" --data "$DATA/test"` gives the dense row at those scales.
 set -euo pipefail
 
 WORK=${1:-runs/scenes-pipeline}
@@ -36,7 +40,7 @@ awk -v s="$start" -v e="$end" 'BEGIN { printf "training wall time: %.0f s\n", e 
 
 # The dense form serves both protocols: the whole image (dense) and the 5 x 5 crop grid (multi-crop).
 $VGGSPEC export --weights "$RUN/model.safetensors" --fully-conv --scores -o "$RUN/d_dense.onnx"
-$VGGSPEC eval "$RUN/d_dense.onnx" --data "$DATA/test" --no-flip --scales 110 --scales 73,110,146 \
+$VGGSPEC eval "$RUN/d_dense.onnx" --data "$DATA/test" --scales 110 --scales 73,110,146 \
     --protocol dense --protocol multi-crop --protocol combined
 
 # Where the digit is: Q = 192 gives a 5 x 5 score map. The first test scenes with a small digit.
@@ -48,5 +52,5 @@ print(" ".join(small[:4]))
 PY
 )
 # shellcheck disable=SC2086
-$VGGSPEC predict "$RUN/d_dense.onnx" $small --scales 192 --no-flip --top 1 --heatmap "$WORK/heatmaps"
+$VGGSPEC predict "$RUN/d_dense.onnx" $small --scales 192 --top 1 --heatmap "$WORK/heatmaps"
 echo "plot: $RUN/metrics.png, heat maps: $WORK/heatmaps/"

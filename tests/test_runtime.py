@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -519,12 +520,126 @@ def test_list_dataset_class_order(tmp):
         (root / name / "x.png").write_bytes(b"")
     items, names = list_dataset(root, ("tench", "goldfish"))  # WordNet folders, word labels: folder order
     assert names == ["n01", "n02"] and [i for _, i in items] == [0, 1]
-    items, names = list_dataset(root, ("x", "n02", "n01"))  # folders named after labels: label order
+    items, names = list_dataset(root, ("n02", "n01"))  # folders named after labels: label order
+    assert [i for _, i in items] == [1, 0]
+    items, names = list_dataset(root, ("x", "n02", "n01"))  # some of the classes, by name: nothing shifts
     assert [i for _, i in items] == [2, 1]
     with pytest.raises(DataError, match="'n02' is not among"):
         list_dataset(root, ("n01", "other"))
-    with pytest.raises(DataError, match="no class folders"):
+    with pytest.raises(DataError, match="no class folders") as err:
         list_dataset(root / "n01")
+    assert "one level too low" in err.value.hint
+
+
+def _split_folder(root: Path, classes: int = 4, splits=("train", "val", "test")) -> Path:
+    for split in splits:
+        for c in range(classes):
+            (root / split / str(c)).mkdir(parents=True)
+            (root / split / str(c) / "x.png").write_bytes(b"")
+    return root
+
+
+def test_folders_that_are_not_the_models_classes_are_refused(tmp_path):
+    """The parent of train/val/test, a missing class folder, extra folders: each names both sides and the
+    likely cause, unless allow_mismatch (issue 23: 90 % error on the parent folder, exit 0)."""
+    from vggspec.runtime import list_dataset
+
+    root = _split_folder(tmp_path / "data")
+    labels = ("0", "1", "2", "3")
+    with pytest.raises(DataError) as err:  # one level too high
+        list_dataset(root, labels, 4)
+    assert "3 class folders ('test', 'train', 'val') for a model of 4 classes ('0', '1', '2', '3')" in err.value.message
+    assert f"looks one level too high: give --data {root / 'test'}" in err.value.message
+    assert "--allow-mismatch" in err.value.hint
+    with pytest.raises(DataError, match="one level too high"):  # a model without labels: by count
+        list_dataset(root, (), 4)
+    items, names = list_dataset(root, labels, 4, allow_mismatch=True)
+    assert names == ["test", "train", "val"]
+    test = root / "test"
+    shutil.rmtree(test / "1")  # positional classes: everything after the gap would shift
+    unnamed = tmp_path / "unnamed"
+    for c in "acd":
+        (unnamed / c).mkdir(parents=True)
+        (unnamed / c / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="3 class folders .* for a model of 4 classes; a class folder is missing: "
+                                        "classes are numbered by sorted folder name"):
+        list_dataset(unnamed, (), 4)
+    assert [i for _, i in list_dataset(test, labels, 4)[0]] == [0, 2, 3]  # by name: nothing shifts
+    with pytest.raises(DataError, match="'x' is not among its labels; a folder that is not a class"):
+        (test / "x").mkdir()
+        (test / "x" / "x.png").write_bytes(b"")
+        list_dataset(test, labels, 4)
+    with pytest.raises(DataError, match="5 class folders .* more than the model's classes"):
+        (unnamed / "e").mkdir()
+        (unnamed / "e" / "x.png").write_bytes(b"")
+        (unnamed / "f").mkdir()
+        (unnamed / "f" / "x.png").write_bytes(b"")
+        list_dataset(unnamed, (), 4)
+    assert len(list_dataset(test, (), 0)[0]) == 4  # a model that does not say its classes: not checked
+
+
+OWN = {"vggspec.test_scales": "[8, 12, 16]", "vggspec.test_flip": "false",
+       "vggspec.training": json.dumps({"scale": [8, 16], "flip": False})}
+
+
+def test_default_scales_and_flip_are_the_models_own(models, tmp_path):
+    from vggspec import export_onnx, load_spec
+    from vggspec.runtime import default_flip, default_scales
+
+    own = load(conv_model(tmp_path / "own.onnx", extra_meta=OWN))
+    plain, flip_only = load(models["dense"]), load(conv_model(tmp_path / "f.onnx", extra_meta={
+        "vggspec.test_flip": "false"}))
+    assert default_scales([own]) == (8, 12, 16) and default_flip([own]) is False
+    assert default_scales([plain]) == (8,) and default_flip([plain]) is True  # no keys: as before them
+    assert default_scales([own, plain]) == (8,)  # not every model states them
+    assert default_flip([own, flip_only]) is False and default_flip([own, plain]) is False
+    low = load(conv_model(tmp_path / "low.onnx", extra_meta={"vggspec.test_scales": "[4, 12]"}))
+    assert default_scales([low]) == (8, 12)  # raised to the input side the model needs
+    graph = load_spec("A", ["width=1/16", "input=32x32x3", "classes=4"])
+    static = tmp_path / "static.onnx"
+    export_onnx(graph, static, fully_conv=True, static_shape=(1, 40, 40), test_scales=(32, 48))
+    assert default_scales([load(static)]) == (40,)  # a static model takes its one size
+
+
+def test_predict_and_eval_say_which_protocol_they_took_from_the_model(tmp_path, image):
+    model = conv_model(tmp_path / "own.onnx", extra_meta=OWN)
+    note = "own.onnx: testing at the model's own Q=8,12,16 without flip (trained with scale jitter 8:16, no flip)"
+    result = _cli("predict", model, image, "--json")
+    assert result.exit_code == 0, result.output
+    assert note in result.stderr
+    out = json.loads(result.stdout)
+    assert out["scales"] == [8, 12, 16] and out["flip"] is False
+    data = tmp_path / "data"
+    for label in ("cat", "dog", "eel", "fox"):
+        (data / label).mkdir(parents=True)
+        shutil.copy(image, data / label / "a.png")
+    result = _cli("eval", model, "--data", data, "--json", "--scales", "12", "--flip")
+    assert result.exit_code == 0, result.output
+    assert "testing" not in result.stderr  # both given: nothing taken from the model
+    assert json.loads(result.stdout)["rows"][0] | {"top1_error": 0, "top5_error": 0} == {
+        "protocol": "dense", "scales": [12], "flip": True, "images": 4, "top1_error": 0, "top5_error": 0}
+    result = _cli("eval", model, "--data", data, "--json", "--scales", "12")
+    assert "own.onnx: testing without flip (trained with scale jitter 8:16, no flip)" in result.stderr
+    assert json.loads(result.stdout)["rows"][0]["flip"] is False
+
+
+def test_eval_refuses_folders_that_are_not_the_models_classes(tmp_path, image, models):
+    parent = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog", "eel", "fox"):
+            (parent / split / label).mkdir(parents=True)
+            shutil.copy(image, parent / split / label / "a.png")
+    result = _cli("eval", models["dense"], "--data", parent)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{parent}: error: 2 class folders ('test', 'train') for a model of 4 classes" in result.stderr
+    assert f"give --data {parent / 'test'}" in result.stderr and "--allow-mismatch" in result.stderr
+    result = _cli("eval", models["dense"], "--data", parent, "--allow-mismatch", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 8
+    (parent / "test" / "owl").mkdir()
+    shutil.copy(image, parent / "test" / "owl" / "a.png")
+    result = _cli("eval", models["dense"], "--data", parent / "test")
+    assert result.exit_code == 1 and "'owl' is not among its labels" in result.stderr
 
 
 def test_a_one_cell_score_map_gets_a_note_not_a_picture(tmp_path, image):

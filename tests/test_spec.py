@@ -145,3 +145,23 @@ def test_labels_file_is_read_beside_the_spec(tmp_path):
     spec.write_text("labels: missing.txt\ninput: 32x32\nconv3-4 maxpool FC-3 soft-max\n")
     with pytest.raises(SpecError, match="cannot read the label file"):
         vggspec.load_spec(spec)
+
+
+def test_compiled_text_writes_the_set_options_into_the_header() -> None:
+    """The metadata's spec: --set applied (a header line replaced or added, the last FC following classes), a
+    labels line commented out (the file is not beside the text), unchanged without either."""
+    from vggspec import loads_spec
+    from vggspec.spec.compiled import compiled_text
+
+    source = "# a net\nname: n\ninput: 16x16x3  # small\nlabels: l.txt\n\nconv3-8 maxpool FC-32*3 soft-max\n"
+    sets = ("input=24x24", "classes=4", "norm=batch", "input=32x32x3", "labels=")
+    text = compiled_text(source, sets)
+    assert "input: 32x32x3  # --set (spec: 16x16x3)" in text and "norm: batch  # --set" in text
+    assert "FC-32*2 FC-4 soft-max  # --set classes=4 (spec: FC-32*3)" in text
+    assert "\n# labels: l.txt" in text and text.index("norm:") < text.index("conv3-8")
+    rebuilt, compiled = loads_spec(text), loads_spec(source.replace("labels: l.txt\n", ""), overrides=sets)
+    assert [(x.name, x.attrs, x.out_shape) for x in rebuilt.layers] == \
+           [(x.name, x.attrs, x.out_shape) for x in compiled.layers]
+    plain = "name: n\nconv3-8 maxpool FC-2 soft-max\n"
+    assert compiled_text(plain) == plain
+    assert compiled_text(plain, ("classes=2",)) == "name: n\nclasses: 2  # --set\nconv3-8 maxpool FC-2 soft-max\n"

@@ -207,3 +207,39 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path, folder: Path) -> None:
     assert "already finished its 1 epochs" in result.output and "--epochs 11" in result.output
     again = train(2, "--resume", run)
     assert again.exit_code == 0 and "epoch 2" in again.output, again.output
+
+
+def test_a_trained_model_is_tested_as_it_was_trained(tmp_path: Path, folder: Path) -> None:
+    """Training records its scale range and flip policy; export makes them the model's test scales (the paper's
+    Q set for a jittered S) and flip; eval takes them by default and says so (issue 23: 17.9 % against 7.3 %)."""
+    import onnx
+
+    from vggspec.cli import main
+
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    run = tmp_path / "run"
+    train(config(spec, folder, run, scale=(8, 11), flip=False))
+    ckpt = run / "model.safetensors"
+    assert load_checkpoint(ckpt).extra.items() >= {"train.scale": "8:11", "train.flip": "false"}.items()
+    cli = CliRunner()
+    model = tmp_path / "m_dense.onnx"
+    result = cli.invoke(main, ["export", "--weights", str(ckpt), "--fully-conv", "-o", str(model)])
+    assert result.exit_code == 0 and "tested at Q=8,10,11, without flip" in result.output, result.output
+    props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert props["vggspec.test_scales"] == "[8, 10, 11]" and props["vggspec.test_flip"] == "false"
+    note = "testing at the model's own Q=8,10,11 without flip (trained with scale jitter 8:11, no flip)"
+    for evaluated in (model, ckpt):  # the exported model, and the checkpoint exported for the run
+        result = cli.invoke(main, ["eval", str(evaluated), "--data", str(folder / "val"), "--json"])
+        assert result.exit_code == 0, result.output
+        assert note in result.stderr
+        row = json.loads(result.stdout)["rows"][0]
+        assert row["scales"] == [8, 10, 11] and row["flip"] is False and row["images"] == 24
+    # Given explicitly (weights without a record, or a choice of one's own), and refused below the input side.
+    result = cli.invoke(main, ["export", "--weights", str(ckpt), "--test-scales", "9", "--test-flip", "-o",
+                               str(model)])
+    props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert props["vggspec.test_scales"] == "[9]" and props["vggspec.test_flip"] == "true"
+    result = cli.invoke(main, ["export", "--weights", str(ckpt), "--test-scales", "4", "-o", str(model)])
+    assert result.exit_code == 1 and "test scale 4 is smaller than the input's shorter side 8" in result.output
+    result = cli.invoke(main, ["export", "--weights", str(ckpt), "--test-scales", "a,9", "-o", str(model)])
+    assert result.exit_code == 2 and "positive integers" in result.output

@@ -303,8 +303,11 @@ def class_folders(root: str | Path) -> list[str]:
         raise DataError("no such folder (expected DIR/<class>/<images>)", str(root))
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
-        raise DataError("no class folders (expected DIR/<class>/<images>)", str(root),
-                        "put each class's images in a folder named after the class")
+        hint = "put each class's images in a folder named after the class"
+        if any(_named_like_image(p) for p in root.iterdir()):  # DIR/<class> given for DIR: one level too low
+            hint = (f"it holds images itself, so it looks like one class's folder (one level too low): give the "
+                    f"folder above it, {root.resolve().parent}")
+        raise DataError("no class folders (expected DIR/<class>/<images>)", str(root), hint)
     return found
 
 

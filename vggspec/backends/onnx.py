@@ -30,7 +30,7 @@ Choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from ..contract import EXTERNAL_DATA_BYTES, Metadata, to_props
 from ..errors import ModelError, VggspecError
 from ..graph import Layer, LayerGraph, Preprocessing, kernel_hw
 from ..graph import fully_conv as dense_form
+from ..imaging import MAX_SCALE, scale_problem
+from ..spec.compiled import compiled_text
 from ..weights import check_tensors, init_weights, to_dense
 from .onnx_stream import check_graph, check_model, save_model, with_weight_inputs, write_atomic
 
@@ -95,6 +97,9 @@ class ExportOptions:
     graph's). seed: of the initialisation used when no weights are given.
     static_shape: (N, H, W) fixes every input and output dimension (edge compilers, tract, TensorRT);
     H x W is the crop size for a standard model, at least that for a dense one.
+    test_scales, test_flip: the model's default test scales Q and flip (metadata vggspec.test_scales and
+    vggspec.test_flip; None: not written, runtimes use the input side and flip). training: how the weights
+    were trained, {"scale": (Smin, Smax), "flip": bool} (vggspec.training; None: unknown).
     """
 
     fully_conv: bool = False
@@ -108,6 +113,9 @@ class ExportOptions:
     preprocessing: Preprocessing | None = None
     seed: int = 0
     static_shape: tuple[int, int, int] | None = None
+    test_scales: Sequence[int] | None = None
+    test_flip: bool | None = None
+    training: Mapping[str, Any] | None = None
 
 
 def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights: dict[str, np.ndarray] | None = None,
@@ -133,7 +141,8 @@ def export_onnx(graph: LayerGraph, output: str | Path | None = None, *, weights:
         graph, weights = dense, to_dense(dense, weights)
     _check_static(graph, o.static_shape)
     opts = _Options(graph.meta.fully_conv, o.flip, o.scores, o.embed_preprocessing, o.precision, o.opset,
-                    o.preprocessing or graph.meta.preprocessing, o.static_shape)
+                    o.preprocessing or graph.meta.preprocessing, o.static_shape, _test_scales(graph, o.test_scales),
+                    o.test_flip, tuple((o.training or {}).items()))
     if opts.preprocessing.problem(graph.meta.input_shape[0]):  # a model no client could feed
         raise VggspecError(f"the preprocessing {opts.preprocessing.problem(graph.meta.input_shape[0])} "
                            f"(it has mean {list(opts.preprocessing.mean)}, std {list(opts.preprocessing.std)})",
@@ -192,6 +201,23 @@ class _Options:
     opset: int
     preprocessing: Preprocessing
     static: tuple[int, int, int] | None = None
+    test_scales: tuple[int, ...] = ()
+    test_flip: bool | None = None
+    training: tuple[tuple[str, Any], ...] = ()
+
+
+def _test_scales(graph: LayerGraph, scales: Sequence[int] | None) -> tuple[int, ...]:
+    """The default test scales, each a Q the model can be tested at: at least the input's shorter side."""
+    if not scales:
+        return ()
+    smallest = min(graph.meta.input_shape[1:])
+    for q in scales:
+        if not isinstance(q, int) or q < smallest:
+            raise VggspecError(f"test scale {q} is smaller than the input's shorter side {smallest}",
+                               hint=f"give test scales of at least {smallest} (Q is the image's shorter side)")
+        if scale_problem(q):
+            raise VggspecError(f"test scale {q} {scale_problem(q)}", hint=f"give test scales of at most {MAX_SCALE}")
+    return tuple(sorted(set(scales)))
 
 
 def _check_options(precision: str, calibration: str | Path | None, opset: int, output: str | Path | None) -> None:
@@ -430,7 +456,8 @@ def _set_metadata(model: onnx.ModelProto, graph: LayerGraph, opts: _Options, lab
     contract = Metadata(
         name=meta.name, classes=meta.classes, input_size=(h, w), channels=c, preprocessing=opts.preprocessing,
         labels=tuple(labels), fully_conv=opts.dense, flip=opts.flip, embedded_preprocessing=opts.embed,
-        scores=opts.scores, precision=opts.precision, spec=meta.spec_text, version=__version__,
+        scores=opts.scores, precision=opts.precision, spec=compiled_text(meta.spec_text, meta.overrides),
+        version=__version__, test_scales=opts.test_scales, test_flip=opts.test_flip, training=opts.training,
     )
     del model.metadata_props[:]
     helper.set_model_props(model, to_props(contract))

@@ -54,6 +54,7 @@ def build(tree: SpecTree) -> LayerGraph:
         preprocessing=Preprocessing(header.scale, header.mean, header.std),
         spec_text=tree.source,
         spec_path=tree.path,
+        overrides=tuple(tree.overrides),
         labels=labels,
     )
     return LayerGraph.from_layers(layers, meta)

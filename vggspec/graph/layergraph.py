@@ -26,6 +26,7 @@ class GraphMeta:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     spec_text: str = ""
     spec_path: str = ""
+    overrides: tuple[str, ...] = ()  # the `--set key=value` options spec_text was compiled with
     labels: tuple[str, ...] = ()
     fully_conv: bool = False
     eval_input: tuple[int, int] | None = None  # H, W the shapes were inferred at, when not the spec's

@@ -19,7 +19,7 @@ from .evaluate import Report, evaluate, list_dataset
 from .fuse import build_fused, fuse
 from .heatmap import heatmap
 from .preprocess import preprocess
-from .protocols import PROTOCOLS, Member, Protocol, Runner, default_scales, top_k
+from .protocols import PROTOCOLS, Member, Protocol, Runner, default_flip, default_scales, top_k
 from .session import DEVICES, Model, ModelInfo, Overrides, Preprocessing, create_session, read_info
 
 
@@ -29,13 +29,15 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None, **o
 
 
 def predict(models: Model | Sequence[Model], image: str | Path, protocol: str | None = None,
-            scales: Sequence[int | None] | None = None, flip: bool = True,
+            scales: Sequence[int | None] | None = None, flip: bool | None = None,
             top: int = 5) -> list[tuple[int, str, float]]:
     """Top classes of one image: [(index, label, posterior)]. Several models form one network (dense +
-    standard, for `combined`); the default protocol is dense for a fully convolutional model, else multi-crop."""
+    standard, for `combined`); the default protocol is dense for a fully convolutional model, else multi-crop;
+    the default scales and flip are the models' own (default_scales, default_flip)."""
     models = [models] if isinstance(models, Model) else list(models)
     member = Member.of(*models)
     name = protocol or ("dense" if member.dense is not None else "multi-crop")
+    flip = default_flip(models) if flip is None else flip
     proto = Protocol(name, tuple(scales) if scales else default_scales(models), flip)
     posterior = Runner([member], [proto]).run(image)[proto]
     return [(i, models[0].info.label(i), p) for i, p in top_k(posterior, top)]
@@ -43,7 +45,7 @@ def predict(models: Model | Sequence[Model], image: str | Path, protocol: str | 
 
 __all__ = [
     "DEVICES", "PROTOCOLS", "Member", "Model", "ModelInfo", "Overrides", "Preprocessing", "Protocol", "Report",
-    "Runner", "build_fused", "create_session", "crop_positions", "default_scales", "evaluate", "fuse",
+    "Runner", "build_fused", "create_session", "crop_positions", "default_flip", "default_scales", "evaluate", "fuse",
     "grid_crops", "heatmap", "list_dataset", "load", "load_image", "normalise", "predict", "preprocess",
     "read_info", "rescale", "top_k",
 ]

@@ -87,19 +87,18 @@ MISMATCH_HINT = ("give --data the folder whose subfolders are the classes; --all
 
 def check_class_folders(root: str | Path, found: Sequence[str], labels: Sequence[str], classes: int) -> None:
     """DataError unless the class folders `found` in `root` are the model's classes: every folder named after
-    one of its `labels`, one folder per class; or, for folders not named after them (or a model without
-    labels), exactly `classes` folders, numbered in sorted order. A model that says nothing of its classes
-    (no metadata) cannot be checked."""
+    one of its `labels` (a test set of some of the classes is fine: names, not positions, give the indices);
+    or, for folders not named after them (or a model without labels), exactly `classes` folders, numbered in
+    sorted order, where one missing would shift every class after it. A model that says nothing of its
+    classes (no metadata) cannot be checked."""
     n = classes or len(labels)
     named = [f for f in found if f in labels]
-    if not n or (len(found) == n and (len(named) == n or not named)):
+    if not n or len(named) == len(found) or (len(found) == n and not named):
         return
     root = Path(root)
     if named:
         unknown = [f for f in found if f not in labels]
-        missing = [c for c in labels if c not in found]
-        what = (f"{_some(unknown)} {'is' if len(unknown) == 1 else 'are'} not among its labels" if unknown else
-                f"no folder for {'its class' if len(missing) == 1 else 'its classes'} {_some(missing)}")
+        what = f"{_some(unknown)} {'is' if len(unknown) == 1 else 'are'} not among its labels"
         problem = f"the class folders do not match the model's {n} labels ({_some(labels)}): {what}"
     else:
         problem = (f"{len(found)} class folders ({_some(found)}) for a model of {n} classes"
@@ -114,8 +113,8 @@ def _likely_cause(root: Path, found: Sequence[str], labels: Sequence[str], n: in
         if inner and (len(inner) == n or any(i in labels for i in inner)):
             return (f"{root / name} holds class folders itself ({_some(inner)}), so {root} looks one level too "
                     f"high: give --data {root / name}")
-    if named and len(found) < n:
-        return "a class folder is missing, or this is a subset of the classes"
+    if named:
+        return "a folder that is not a class, or a model trained on other classes"
     if len(found) < n:
         return ("a class folder is missing: classes are numbered by sorted folder name, so every class after the "
                 "missing one would be scored as the next")

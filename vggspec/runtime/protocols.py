@@ -299,9 +299,11 @@ def _own_scales(models: list[Model]) -> tuple[int, ...]:
     return tuple(sorted({max(q, smallest) for q in own.pop()}))
 
 
-def defaults_note(models: Iterable[Model], scales_given: bool, flip_given: bool) -> str | None:
+def defaults_note(models: Iterable[Model], scales_given: bool, flip_given: bool,
+                  used: Iterable[Model] | None = None) -> str | None:
     """Which test scales and flip a run took from its models, and why, for models that state their own
     (vggspec.test_scales, vggspec.test_flip); None when the options gave both, or no model states any.
+    `used`: the models that run (a dense member's standard form does not for the dense protocol), named.
     E.g. `d_dense.onnx: testing at the model's own Q=73,110,146 without flip (trained with scale jitter
     73:146, no flip)`."""
     from ..contract import training_text
@@ -310,11 +312,14 @@ def defaults_note(models: Iterable[Model], scales_given: bool, flip_given: bool)
     stating = [m for m in models if m.info.test_scales or m.info.test_flip is not None]
     if not stating or (scales_given and flip_given):
         return None
+    named = [m for m in (used or models) if m in stating] or stating
+    names = list(dict.fromkeys(m.shown for m in named))
     parts = []
     if not scales_given:
         q = ",".join(map(str, default_scales(models)))
         if _own_scales(models):
-            parts.append(f"at the model's own Q={q}" if len(models) == 1 else f"at the models' own Q={q}")
+            whose = "the model's" if len(names) == 1 else "the models'"
+            parts.append(f"at {whose} own Q={q}")
         else:
             why = ("a static-shape model takes one size" if any(m.info.static_hw for m in models)
                    else "the models do not state one set of test scales")
@@ -323,5 +328,4 @@ def defaults_note(models: Iterable[Model], scales_given: bool, flip_given: bool)
         parts.append("with flip" if default_flip(models) else "without flip")
     trained = next((dict(m.info.training) for m in stating if m.info.training), None)
     why = f" (trained with {training_text(trained)})" if trained else ""
-    names = ", ".join(dict.fromkeys(m.shown for m in stating))
-    return f"{names}: testing {' '.join(parts)}{why}"
+    return f"{', '.join(names)}: testing {' '.join(parts)}{why}"

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -47,6 +47,7 @@ from .registry import Registry, describe
 log = logging.getLogger("vggspec.serve")
 PUBLIC = ("/v2/health/",)  # no API key needed
 PAGE = ("/", "/static/")  # the page holds no data; it sends the key the user types with its requests
+INLINE_JSON = 64 * 1024  # bytes of JSON tensors parsed on the event loop itself (a 1 x 3 x 32 x 32 image)
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,25 @@ async def read_body(request: Request, settings: Settings) -> bytes:
 async def run_job(state: State, job: Callable[[], Any]) -> Any:
     """Run `job` on a worker thread if the queue has room (503 otherwise), within the request timeout (504).
     Its slot is held until the thread is really done, even when the client got its 504 already."""
-    if not state.gate.enter():
-        state.metrics.rejected.inc()
-        raise RequestError(503, "the server is busy (its queue is full); retry shortly", {"Retry-After": "1"})
+    admit(state)
     try:
         future = state.pool.submit(job)
     except RuntimeError:  # the pool is shut down: the server is stopping
         state.gate.leave()
         raise RequestError(503, "the server is stopping", {"Retry-After": "1"}) from None
     future.add_done_callback(state.gate.leave)
+    return await settle(state, future)
+
+
+def admit(state: State) -> None:
+    """Take a slot of the queue, or refuse the request with 503 and Retry-After."""
+    if not state.gate.enter():
+        state.metrics.rejected.inc()
+        raise RequestError(503, "the server is busy (its queue is full); retry shortly", {"Retry-After": "1"})
+
+
+async def settle(state: State, future: Future) -> Any:
+    """The result of a thread's or a batch's Future within the request timeout, its errors as one line."""
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), state.settings.timeout_s)
     except asyncio.TimeoutError:
@@ -231,21 +242,35 @@ async def model_ready(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
+    """Binary tensors are decoded on the event loop (a view of the body: no work) and go straight to the
+    model's batcher: no worker thread between the request and its batch. JSON tensors over INLINE_JSON
+    bytes are parsed on a worker thread, so that a large one never stalls the loop."""
     state, name = _state(request), _served_name(request)
     body = await read_body(request, state.settings)
     header = request.headers.get(oip.HEADER)
-
-    def job() -> tuple[bytes, dict[str, str]]:
+    admit(state)
+    queued = False
+    try:
         with state.registry.use(name) as served:
             if len(served.members) > 1:
                 raise RequestError(400, f"'{name}' is an ensemble of {len(served.members)} networks with inputs "
                                         "of their own; post images to /v2/models/{name}/classify")
             model = served.primary
-            x, requested = oip.decode(body, header, model.info)
-            outputs = model.batcher.submit(x).result()
-            return oip.encode(name, dict(zip(model.info.outputs, outputs, strict=True)), requested)
-
-    content, headers = await run_job(state, job)
+            if header is None and len(body) > INLINE_JSON:
+                loop = asyncio.get_running_loop()
+                x, requested = await loop.run_in_executor(state.pool, oip.decode, body, header, model.info)
+            else:
+                x, requested = oip.decode(body, header, model.info)
+            future = model.batcher.submit(x)
+            future.add_done_callback(state.gate.leave)
+            queued = True
+            outputs = await settle(state, future)
+    except Closed:
+        raise RequestError(503, "the model was being replaced; retry", {"Retry-After": "1"}) from None
+    finally:
+        if not queued:
+            state.gate.leave()
+    content, headers = oip.encode(name, dict(zip(model.info.outputs, outputs, strict=True)), requested)
     media = "application/octet-stream" if headers else "application/json"
     return Response(content, media_type=media, headers=headers)
 

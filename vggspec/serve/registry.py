@@ -212,8 +212,8 @@ class Registry:
         with self._lock:
             served.users -= 1
             done = served.retired and served.users == 0
-        if done:
-            served.close()
+        if done:  # on a thread of its own: the event loop may be the one releasing it
+            threading.Thread(target=served.close, name="vggspec-close", daemon=True).start()
 
     def reload(self, name: str) -> None:
         """Load `name` again from its files and swap it in; the old one serves its requests to the end."""

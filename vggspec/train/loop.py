@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, VggspecError
 from ..graph import LayerGraph, Preprocessing
+from ..weights.checkpoint import training_extra
 from . import distributed as D
 from .augment import Augment, CenterEval, Lighting, check_scale
 from .config import TrainConfig, TrainingNote
@@ -528,5 +529,6 @@ class Trainer:
         }
         save_state(self.rundir, payload)
         extra = {"train.epoch": str(p.epoch), "train.step": str(p.global_step),
-                 "train.world_size": str(self.world.size)}
+                 "train.world_size": str(self.world.size),
+                 **training_extra(self.scale, self.config.flip)}  # export makes them the test defaults
         save_model(self.rundir, self.model, self.graph, self.pre, self.train_split.classes, extra, self.config.sets)

@@ -9,6 +9,9 @@ Metadata (string to string, as safetensors requires) holds:
   source         where the tensors came from (init:paper:seed=0, torchvision:vgg16.pth, train:...)
   overrides      JSON list of the `--set key=value` overrides the spec was compiled with, when any
                  (the spec text is stored as written; `checkpoint_graph` applies both)
+  train.*        a training run's progress (epoch, step, world_size) and how it trained: train.scale
+                 (`S` or `SMIN:SMAX`) and train.flip (`true`/`false`), which export turns into the model's
+                 default test scales and flip (`training_record`)
 """
 
 from __future__ import annotations
@@ -135,6 +138,32 @@ def _preprocessing(meta: dict[str, str], path: str) -> Preprocessing | None:
     if prep.problem():
         raise _metadata_error("preprocessing", prep.problem(), path)
     return prep
+
+
+TRAIN_SCALE, TRAIN_FLIP = "train.scale", "train.flip"
+
+
+def training_extra(scale: tuple[int, int], flip: bool) -> dict[str, str]:
+    """The checkpoint metadata recording a run's scale range and flip policy (`training_record` reads it)."""
+    text = str(scale[0]) if scale[0] == scale[1] else f"{scale[0]}:{scale[1]}"
+    return {TRAIN_SCALE: text, TRAIN_FLIP: "true" if flip else "false"}
+
+
+def training_record(checkpoint: Checkpoint, path: str | None = None) -> dict[str, object] | None:
+    """{"scale": (Smin, Smax), "flip": bool} of a checkpoint written by training; None for one without the
+    record (init, an import, or a run of an older vggspec). WeightsError when the record is mangled."""
+    scale, flip = checkpoint.extra.get(TRAIN_SCALE), checkpoint.extra.get(TRAIN_FLIP)
+    if scale is None and flip is None:
+        return None
+    parts = (scale or "").split(":")
+    if not (1 <= len(parts) <= 2 and all(p.isascii() and p.isdecimal() and len(p) <= 6 for p in parts)):
+        raise _metadata_error(TRAIN_SCALE, f"= {scale!r} is not S or SMIN:SMAX", path or "")
+    smin, smax = int(parts[0]), int(parts[-1])
+    if not 0 < smin <= smax:
+        raise _metadata_error(TRAIN_SCALE, f"= {scale!r} is not S or SMIN:SMAX with 0 < SMIN <= SMAX", path or "")
+    if flip not in ("true", "false"):
+        raise _metadata_error(TRAIN_FLIP, f"= {flip!r} is not true or false", path or "")
+    return {"scale": (smin, smax), "flip": flip == "true"}
 
 
 def checkpoint_graph(checkpoint: Checkpoint, path: str | None = None, overrides: tuple[str, ...] = ()) -> LayerGraph:

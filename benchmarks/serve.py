@@ -1,0 +1,241 @@
+"""Section: `vggspec serve` under load, on 127.0.0.1 only (issue 20, item 10).
+
+A bounded asyncio load generator of its own (keep-alive HTTP/1.1 connections, one per concurrent client,
+each posting Open Inference Protocol binary tensors of one image) against a real `vggspec serve` process:
+throughput and p50/p99 latency at concurrency 1, 4, 16 and 64, with dynamic batching on (--max-batch 8,
+--max-delay-ms 5) and off (--max-batch 1); the served rate against the in-process Model.run (the Runner's
+engine) at the same batch size; and a 2-minute soak at steady load recording the server's RSS. For narrow D
+on scenes (width 1/8, 64 x 64, 10 classes) and full D at 224 (random weights: speed does not depend on them).
+
+The generator shares the machine's cores with the server; the machine's load is recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import ROOT, Config
+from .report import Section
+
+TITLE = "11. Serving: `vggspec serve` under load (127.0.0.1)"
+CONCURRENCY = (1, 4, 16, 64)
+NARROW = ("D", ("width=0.125", "classes=10", "input=64x64", "norm=batch"))
+LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)  # not inference-header-content-length
+
+
+def command(cfg: Config) -> str:
+    return ".venv/bin/python -m benchmarks --only serve" + (" --quick" if cfg.quick else "")
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model(cfg: Config, name: str, spec: str, overrides: tuple[str, ...]) -> Path:
+    """The standard form, random weights (seed 0), exported once into the cache folder."""
+    out = cfg.path(name)
+    if not out.exists():
+        from vggspec import export_onnx, load_spec
+
+        export_onnx(load_spec(spec, overrides=overrides), out, seed=0)
+    return out
+
+
+# ---------------------------------------------------------------- server and load
+
+
+class Served:
+    """`vggspec serve` in a child process on a free 127.0.0.1 port."""
+
+    def __init__(self, model: Path, threads: int, max_batch: int, delay_ms: float) -> None:
+        args = [sys.executable, "-m", "vggspec", "serve", f"m={model}", "--port", "0", "--device", "cpu",
+                "--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(delay_ms),
+                "--max-queue", "256", "--timeout-s", "300"]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        if "http://127.0.0.1:" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"the server did not start: {line}")
+        self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        # The access log goes to stderr: drain it so the pipe never fills and stalls the server.
+        import threading
+
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for _ in self.proc.stderr:
+            pass
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def infer_request(x: np.ndarray) -> bytes:
+    """An HTTP/1.1 keep-alive request carrying `x` as a binary tensor (what tritonclient sends)."""
+    blob = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "probs", "parameters": {"binary_data": True}}]}).encode()
+    head = (f"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(header) + len(blob)}\r\n\r\n")
+    return head.encode() + header + blob
+
+
+@dataclass
+class Load:
+    concurrency: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+async def _client(port: int, request: bytes, start: float, stop: float, done: list[tuple[float, float]],
+                  errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop:
+            sent = time.perf_counter()
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = LENGTH.search(head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append(1)
+                continue
+            done.append((sent, time.perf_counter()))
+    finally:
+        writer.close()
+
+
+async def _load(port: int, request: bytes, concurrency: int, seconds: float, warmup: float) -> Load:
+    """`concurrency` clients back to back for `seconds`; rates and latencies over what finished after `warmup`."""
+    start = time.perf_counter()
+    stop = start + warmup + seconds
+    done: list[tuple[float, float]] = []
+    errors: list[int] = []
+    await asyncio.gather(*(_client(port, request, start, stop, done, errors) for _ in range(concurrency)))
+    window = [(s, e) for s, e in done if start + warmup <= e <= stop]
+    lat = sorted((e - s) * 1000 for s, e in window) or [float("nan")]
+    return Load(concurrency, len(window) / seconds, statistics.median(lat),
+                lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(errors))
+
+
+def in_process(model_path: Path, x: np.ndarray, batch: int, threads: int, seconds: float) -> float:
+    """Images per second of Model.run on batches of `batch` in this process, for `seconds`."""
+    from vggspec.runtime import load
+
+    model = load(model_path, device="cpu", threads=threads)
+    xb = np.repeat(x, batch, axis=0)
+    model.run(xb)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.run(xb)
+        n += batch
+    return n / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the section
+
+
+def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: int, seconds: float,
+                   warmup: float, soak_s: float) -> None:
+    x = np.random.default_rng(0).normal(size=(1, 3, hw, hw)).astype(np.float32)
+    request = infer_request(x)
+    inproc = {b: in_process(path, x, b, cfg.threads, seconds) for b in (1, 8)}
+    results: dict[str, dict[int, Load]] = {}
+    for mode, batch, delay in (("batched", 8, 5.0), ("unbatched", 1, 0.0)):
+        server = Served(path, cfg.threads, batch, delay)
+        try:
+            asyncio.run(_load(server.port, request, 2, 0.5, 0.0))  # sessions warm
+            results[mode] = {c: asyncio.run(_load(server.port, request, c, seconds, warmup)) for c in CONCURRENCY}
+            if mode == "batched" and soak_s:
+                _soak(section, label, server, request, soak_s)
+        finally:
+            code = server.stop()
+        if code != 0:
+            section.notes.append(f"{label}: the {mode} server exited {code} on SIGTERM")
+    for c in CONCURRENCY:
+        on, off = results["batched"][c], results["unbatched"][c]
+        section.add(f"{label}: concurrency {c}, batched (8, 5 ms)", on.images_per_s, "img/s",
+                    detail=f"p50 {on.p50_ms:.0f} ms, p99 {on.p99_ms:.0f} ms, errors {on.errors}")
+        section.add(f"{label}: concurrency {c}, unbatched", off.images_per_s, "img/s",
+                    detail=f"p50 {off.p50_ms:.0f} ms, p99 {off.p99_ms:.0f} ms, errors {off.errors}")
+    on16, off16 = results["batched"][16].images_per_s, results["unbatched"][16].images_per_s
+    section.add(f"{label}: batched / unbatched at concurrency 16", on16 / off16, "x", target=">= 1.5x",
+                met=on16 / off16 >= 1.5, detail=f"{on16:.1f} vs {off16:.1f} img/s")
+    section.add(f"{label}: served (batch 8, c=16) / in-process Model.run batch 8", on16 / inproc[8], "x",
+                target=">= 0.85x", met=on16 / inproc[8] >= 0.85, detail=f"{on16:.1f} vs {inproc[8]:.1f} img/s")
+    section.add(f"{label}: served (unbatched, c=16) / in-process Model.run batch 1", off16 / inproc[1], "x",
+                target=">= 0.85x", met=off16 / inproc[1] >= 0.85, detail=f"{off16:.1f} vs {inproc[1]:.1f} img/s")
+
+
+def _soak(section: Section, label: str, server: Served, request: bytes, seconds: float) -> None:
+    """Steady load (8 clients) for `seconds`; RSS after the first tenth against RSS at the end."""
+    samples: list[float] = []
+
+    async def sample() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            samples.append(server.rss_mb())
+            await asyncio.sleep(max(1.0, seconds / 40))
+
+    async def both() -> Load:
+        result, _ = await asyncio.gather(_load(server.port, request, 8, seconds, 0.0), sample())
+        return result
+
+    load = asyncio.run(both())
+    base = samples[max(1, len(samples) // 10)]
+    growth = (samples[-1] - base) / base
+    section.add(f"{label}: soak {seconds:.0f} s at concurrency 8, RSS growth", growth * 100, "%",
+                target="< 10 %", met=growth < 0.10,
+                detail=f"{base:.0f} -> {samples[-1]:.0f} MB (peak {max(samples):.0f}), "
+                       f"{load.images_per_s:.1f} img/s, errors {load.errors}")
+
+
+def run(cfg: Config) -> Section:
+    section = Section("serve", TITLE, command(cfg))
+    before = os.getloadavg()
+    quick = cfg.quick
+    narrow = _model(cfg, "serve_narrow_d.onnx", *NARROW)
+    _measure_model(section, cfg, "narrow D 64", narrow, 64, 3.0 if quick else 6.0, 0.5 if quick else 1.5,
+                   10.0 if quick else 120.0)
+    if not quick:
+        full = _model(cfg, "serve_d.onnx", "D", ())
+        _measure_model(section, cfg, "D 224", full, 224, 12.0, 3.0, 0.0)
+    after = os.getloadavg()
+    section.notes.append(f"os.getloadavg() at the start {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, at the end "
+                         f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}: other engineers' jobs share these 2 cores, "
+                         "and the load generator runs beside the server.")
+    section.notes.append("Requests: Open Inference Protocol infer, one image per request as a binary tensor "
+                         "(1 x 3 x H x W float32), keep-alive connections, one per concurrent client. Server: "
+                         f"`vggspec serve --threads {cfg.threads} --max-queue 256`, batched = --max-batch 8 "
+                         "--max-delay-ms 5, unbatched = --max-batch 1. In-process: vggspec.runtime Model.run on "
+                         "the same input repeated to the batch size. Latency p50/p99 over requests finished after "
+                         "a warm-up.")
+    return section
