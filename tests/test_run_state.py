@@ -199,3 +199,70 @@ def main_cli() -> object:
     from vggspec.cli import main
 
     return main
+
+
+def test_one_process_per_run_folder(whole: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vggspec.train.state import lock_run
+
+    run = _copy(whole, tmp_path)
+    fresh = tmp_path / "fresh"
+    train_fresh = ["train", str(whole / "tiny.vgg"), "--data", str(whole / "data"), "-o", str(fresh), "--workers",
+                   "0", "--no-progress", "--epochs", "1"]
+    with lock_run(run), lock_run(fresh):  # as a run still training there would
+        result = _resume(whole, run, monkeypatch)
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"{run}: error: is in use by process {os.getpid()}\n"), result.output
+        assert "hint: wait for that run to finish" in result.output
+        result = CliRunner().invoke(main_cli(), train_fresh)
+        assert result.exit_code == 1 and f"{fresh}: error: is in use by process" in result.output, result.output
+        assert sorted(p.name for p in fresh.iterdir()) == [".vggspec.lock"]  # nothing of the refused run's
+    assert not fresh.exists() or not list(fresh.iterdir())
+    # A run killed with its lock file in place left no lock: the kernel dropped it with the process.
+    (run / ".vggspec.lock").write_text("99999999\n")
+    result = _resume(whole, run, monkeypatch)
+    assert result.exit_code == 0 and "already finished" in result.output, result.output
+    assert not (run / ".vggspec.lock").exists()
+
+
+def test_metrics_of_a_new_run_start_afresh_and_never_follow_a_link(whole: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"epoch": 1, "val_top1_err": 0.5}\n{"epoch": 7}\n')  # an earlier run's rows
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(outside)
+    result = CliRunner().invoke(main_cli(), ["train", str(whole / "tiny.vgg"), "--data", str(whole / "data"), "-o",
+                                             str(run), "--workers", "0", "--no-progress", "--epochs", "1",
+                                             "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert outside.read_text() == '{"epoch": 1, "val_top1_err": 0.5}\n{"epoch": 7}\n'
+    assert not (run / "metrics.jsonl").is_symlink()
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+LIMITED_SAVE = """
+import resource, sys, torch
+from vggspec.errors import VggspecError
+from vggspec.train.state import save_state
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_state(__import__("pathlib").Path(sys.argv[1]), {"progress": {"global_step": 8}, "w": torch.zeros(50_000)})
+except VggspecError as exc:
+    print(exc.format())
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_names_itself_and_keeps_the_last(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    save_state(tmp_path, {"progress": {"global_step": 4}, "w": torch.ones(4)})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", LIMITED_SAVE, str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.startswith(f"{tmp_path / 'state' / '00000008'}: error: cannot write: the file is larger "
+                                    "than this process may write"), result.stdout + result.stderr
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["00000004"]  # no temporaries
+    assert latest_state(tmp_path)[1]["w"].tolist() == [1.0] * 4

@@ -108,7 +108,7 @@ def write_error(path: str | Path, exc: BaseException, written: Path | None = Non
     saying what ran out; None when it is not an I/O error (a bug, or an error of its own to report)."""
     if isinstance(exc, VggspecError):
         return None
-    if isinstance(exc, OSError) and not _about(Path(path), exc.filename):
+    if isinstance(exc, OSError) and not _about(Path(path), exc.filename, written):
         return None  # about another file (an input read while writing): its own error
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None and not isinstance(exc, OSError):
@@ -121,14 +121,15 @@ def write_error(path: str | Path, exc: BaseException, written: Path | None = Non
     return VggspecError(f"cannot write: {what}{unchanged}", str(path), hint)
 
 
-def _about(path: Path, filename: object) -> bool:
-    """Whether an OSError's file name is `path` (or inside it, for a folder written in place), its folder or one
-    of its temporaries (or is not given)."""
+def _about(path: Path, filename: object, written: Path | None = None) -> bool:
+    """Whether an OSError's file name is `path` (or inside it, for a folder written in place), its folder, one
+    of its temporaries or inside the temporary `written` (or is not given)."""
     if filename is None:
         return True
     other = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes)) else None
     return other is not None and (other == path.parent or other.is_relative_to(path) or (  # (a folder's files)
-        other.parent == path.parent and other.name.startswith(f".{path.name}.{_MARK}-")))
+        other.parent == path.parent and other.name.startswith(f".{path.name}.{_MARK}-")) or (
+        written is not None and other.is_relative_to(written)))
 
 
 def _diagnose(written: Path | None) -> int | None:

@@ -39,6 +39,7 @@ from .state import (
     capture_rng,
     has_run,
     load_state,
+    lock_run,
     no_run_error,
     restore_rng,
     save_model,
@@ -115,7 +116,8 @@ def train(config: TrainConfig, resume: bool = False, overrides: dict[str, Any] |
     world = D.setup(config.device)
     made = _missing_folders(Path(config.rundir)) if world.main else []  # only rank 0 creates RUNDIR
     try:
-        result = Trainer(config, world, resume, overrides or {}).run()
+        with lock_run(Path(config.rundir), world.main):  # one process per RUNDIR, for the run's whole life
+            result = Trainer(config, world, resume, overrides or {}).run()
     except BaseException:
         D.teardown(world, finished=False)
         _remove_empty(made)

@@ -14,6 +14,7 @@ the newest checkpoint whose files match their manifest and parse, warning about 
 not. Keeping the weights in the state (not only in model.safetensors) means a kill between two writes can
 never pair weights of step k with optimizer state of step k-1.
 RUNDIR/model.safetensors is the deployable native checkpoint (spec, preprocessing, labels), also atomic.
+One process writes a RUNDIR at a time: `lock_run` holds an flock on RUNDIR/.vggspec.lock for the run's life.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import random
 import shlex
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import folder_lock, naming_output
 from ..errors import VggspecError
 from ..graph import LayerGraph, Preprocessing
 from ..weights import Checkpoint, save_checkpoint
@@ -166,18 +170,31 @@ def save_state(rundir: Path, payload: dict[str, Any]) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     target = root / f"{int(payload['progress']['global_step']):08d}"
     tmp, old = (root / f".tmp-{kind}{target.name}-{os.getpid()}" for kind in ("", "old-"))
-    tmp.mkdir()
     try:
-        _write_folder(tmp, payload)
-        if target.exists():  # the same step again (an epoch's end, a replay after a fallback)
-            target.rename(old)
-        tmp.rename(target)
+        with naming_output(target, tmp):  # a full disk names the checkpoint, not its temporary
+            tmp.mkdir()
+            _write_folder(tmp, payload)
+            if target.exists():  # the same step again (an epoch's end, a replay after a fallback)
+                target.rename(old)
+            tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     _fsync(root)
     _prune(rundir, target)
     return target
+
+
+@contextmanager
+def lock_run(rundir: Path, main: bool = True) -> Iterator[None]:
+    """Hold RUNDIR for the run's whole life: a second `train -o RUNDIR`, or a `--resume` of a run still training,
+    is refused with "is in use by process N" (interleaved, the two would duplicate epochs in metrics.jsonl and
+    delete each other's checkpoints). Only the main process (rank 0) writes RUNDIR, so only it takes the lock."""
+    if not main:
+        yield
+        return
+    with folder_lock(rundir, "wait for that run to finish (or stop it), or train into another -o folder"):
+        yield
 
 
 def _prune(rundir: Path, latest: Path) -> None:
