@@ -219,3 +219,20 @@ def test_sigterm_is_an_interrupt_and_a_checkpoint_eval_leaves_no_models(tiny: Pa
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
     assert not list(scratch.glob("vggspec-*"))  # (a library keeps a 51-byte session id there, .ses)
+
+
+def test_a_folder_lock_admits_one_holder_and_leaves_nothing(tmp_path: Path) -> None:
+    from vggspec.atomic import LOCK, folder_lock
+    from vggspec.errors import VggspecError
+
+    with folder_lock(tmp_path / "run") as run:
+        assert (run / LOCK).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(VggspecError, match=f"is in use by process {os.getpid()}") as info:
+            with folder_lock(run, "wait"):
+                pass
+        assert info.value.path == str(run) and info.value.hint == "wait"
+    assert list(run.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VggspecError, match="is not a folder"):
+        with folder_lock(tmp_path / "file"):
+            pass

@@ -274,6 +274,8 @@ def folder_lock(folder: str | Path, hint: str = "wait for it to finish, or use a
     import fcntl  # POSIX: imported here so the runtime's modules still import where it is missing
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VggspecError("is not a folder (a file, a device or a pipe)", str(folder), "give a folder's name")
     with naming_output(folder):
         folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
