@@ -243,3 +243,41 @@ def test_a_trained_model_is_tested_as_it_was_trained(tmp_path: Path, folder: Pat
     assert result.exit_code == 1 and "test scale 4 is smaller than the input's shorter side 8" in result.output
     result = cli.invoke(main, ["export", "--weights", str(ckpt), "--test-scales", "a,9", "-o", str(model)])
     assert result.exit_code == 2 and "positive integers" in result.output
+
+
+def _warnings_of(run: object) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in seen if not issubclass(w.category, TrainingNote)]
+
+
+def test_a_run_stuck_at_chance_says_so_once(tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vggspec.train import loop
+
+    monkeypatch.setattr(loop, "STUCK_STEPS", 3)  # an epoch here is 3 steps
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    # Stuck by construction: the paper's N(0, 0.01) on a narrow net without batch norm gives scores of ~0, and
+    # lr 0 keeps them there: the loss is ln 3 at every step.
+    said = _warnings_of(lambda: train(config(spec, folder, tmp_path / "stuck", lr=0.0, epochs=2, sets=("init=paper",))))
+    stuck = [w for w in said if "stayed at chance" in w]
+    assert stuck == ["the training loss has stayed at chance, ln 3 = 1.099, for 3 steps: the net is not learning; "
+                     "likely fixes: --set init=xavier (Glorot's scheme keeps the signal's size), or a lower --lr, "
+                     "or --set norm=batch"]
+    assert [w for w in said if w.startswith("init: paper starts this net (no batch norm)")]  # said before epoch 1
+    # A healthy run (Glorot's init) leaves chance at once: nothing said.
+    said = _warnings_of(lambda: train(config(spec, folder, tmp_path / "ok", epochs=2, sets=("init=xavier",))))
+    assert not [w for w in said if "chance" in w or w.startswith("init:")]
+
+
+def test_signal_gain_separates_the_inits_that_train_from_those_that_stay_at_chance() -> None:
+    from vggspec.graph.load import load_spec
+    from vggspec.train.loop import MIN_SIGNAL_GAIN
+    from vggspec.weights.init import signal_gain
+
+    a, d = load_spec("A"), load_spec("D")
+    assert signal_gain(d) < signal_gain(a) < MIN_SIGNAL_GAIN < 60 * signal_gain(a)  # A on Caffe's raw pixels trains
+    # Glorot's scheme, which the paper found to train D from scratch, keeps far above it.
+    assert min(signal_gain(d, "xavier"), signal_gain(load_spec("examples/digits.vgg"))) > 100 * MIN_SIGNAL_GAIN

@@ -49,6 +49,16 @@ from .state import (
 # Decoded images kept in memory (half for train, half for val): small sets skip file I/O each epoch.
 PRELOAD_BYTES = 1 << 30
 
+# A run whose step loss stays within STUCK_TOLERANCE x ln(classes) (at most 0.1 nats) of chance, ln(classes),
+# for STUCK_STEPS steps in a row is not learning. Measured on small nets: a healthy run leaves that band within
+# ~50 steps, a stuck one never (its last biases follow each batch's classes: ~2.5% of noise, inside the band).
+STUCK_STEPS = 100
+STUCK_TOLERANCE = 0.05
+# A fresh net without batch norm whose init scales the input's size by less than this on the way to the scores
+# (weights.init.signal_gain) starts at chance and stays there. The paper's A on its unnormalised pixels (~60x a
+# spec's input) sits above it, as do the nets measured to leave chance; D, and narrow nets, fall far below.
+MIN_SIGNAL_GAIN = 1e-5
+
 
 def _quoted(names: list[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
@@ -139,6 +149,7 @@ class Trainer:
         self.config = self._settings(config, overrides)  # a resumed run keeps its own settings
         self.config.check()  # lr, momentum, ...: named errors, not torch's ValueError mid-setup
         self._check_data()  # every input problem surfaces before a model is built
+        self._check_init()  # an init that cannot train this net from scratch is said before the first epoch
         self._prepare()  # threads, deterministic kernels, the seeds
         self.pre, self.lighting = self._statistics()  # the input's mean and the training set's colour PCA
         self.model = self._build_model()  # the generated module, initialised or restored
@@ -146,6 +157,7 @@ class Trainer:
         if self.world.main:  # the run folder, once every input (--weights too) has passed its checks
             self.rundir.mkdir(parents=True, exist_ok=True)
         self.progress, self.saved_step = Progress(), 0
+        self.at_chance, self.said_stuck = 0, False  # steps in a row with the loss at ln(classes)
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
         self.net = self._wrap()  # DDP across processes, torch.compile
@@ -230,6 +242,24 @@ class Trainer:
                 f"the class folders ({_quoted(list(names[:3]))}{', ...' if len(names) > 3 else ''}) are not named "
                 f"after the spec's labels ({_quoted(list(labels[:3]))}{', ...' if len(labels) > 3 else ''}); "
                 "the checkpoint's labels are the folder names, in sorted order"), stacklevel=2)
+
+    def _check_init(self) -> None:
+        """A net without batch norm started from an init that shrinks its signal to nothing stays at chance
+        (weights.init.signal_gain says why): say so before the first epoch, with the fix."""
+        from ..weights.init import signal_gain
+
+        c = self.config
+        if self.state is not None or c.weights or c.init_from or not self.world.main:
+            return
+        if any(layer.op == "bn" for layer in self.graph.layers):
+            return
+        gain = signal_gain(self.graph)
+        if gain < MIN_SIGNAL_GAIN:
+            warnings.warn(f"init: {self.graph.meta.init} starts this net (no batch norm) with class scores about "
+                          f"{gain:.0e} times its input's size, so training from scratch will likely stay at chance; "
+                          f"use {self._fixes(lr=False)} (the paper trained only A from "
+                          "N(0, 0.01), on unnormalised pixels, and started deeper nets from A's layers: --init-from)",
+                          stacklevel=2)
 
     def _check_classes(self) -> None:
         """A resumed run's data must hold the run's class folders: output n was trained on class n, and the
@@ -449,8 +479,28 @@ class Trainer:
         for key, value in zip(("loss", "correct", "count", "skipped", "seconds"),
                               (loss_sum, correct, count, skipped, elapsed), strict=False):
             p.sums[key] += value
+        if count:
+            self._watch_chance(loss_sum / count)
         if self.config.save_every and p.global_step % self.config.save_every == 0:
             self.save()
+
+    def _fixes(self, lr: bool = True) -> str:
+        """The likely fixes of a run at chance, as options: another init, a lower rate, batch norm."""
+        keeps = "--set init=xavier (Glorot's scheme keeps the signal's size)"
+        fixes = [] if self.graph.meta.init == "xavier" else [keeps]
+        fixes += ["a lower --lr"] if lr else []
+        fixes += [] if any(layer.op == "bn" for layer in self.graph.layers) else ["--set norm=batch"]
+        return ", or ".join(fixes)
+
+    def _watch_chance(self, loss: float) -> None:
+        """Warn once when the loss has stayed at chance for STUCK_STEPS steps in a row: nothing is learnt."""
+        chance = math.log(self.graph.meta.classes)
+        self.at_chance = self.at_chance + 1 if abs(loss - chance) <= min(STUCK_TOLERANCE * chance, 0.1) else 0
+        if self.at_chance >= STUCK_STEPS and not self.said_stuck and self.world.main:
+            self.said_stuck = True
+            warnings.warn(f"the training loss has stayed at chance, ln {self.graph.meta.classes} = {chance:.3f}, for "
+                          f"{self.at_chance} steps: the net is not learning; likely fixes: {self._fixes()}",
+                          stacklevel=2)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

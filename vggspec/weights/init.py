@@ -87,3 +87,29 @@ def init_weights(graph: LayerGraph, scheme: str | None = None, seed: int = 0) ->
     for layer in graph.layers:
         tensors.update(init_layer(layer, scheme or graph.meta.init, seed))
     return tensors
+
+
+def signal_gain(graph: LayerGraph, scheme: str | None = None) -> float:
+    """About how much a freshly initialised net scales its input's root mean square on the way to the class
+    scores, batch norm aside (it restores the scale: the caller asks only of nets without it). Each conv or FC
+    layer multiplies the mean square by fan_in x Var(weight), and a ReLU halves it. The paper's N(0, 0.01^2)
+    gives 0.0144 x 9 C / 2 per 3x3 layer of C inputs: far below 1 for the narrow nets specs describe, so a
+    deep one starts with scores of ~0 whatever the image, the loss at ln(classes) and gradients too small to
+    leave it. (The paper trained only A from it, on Caffe's unnormalised pixels, ~60 times larger than a
+    spec's normalised input, and started deeper nets from A's layers; Glorot's scheme keeps the scale.)"""
+    scheme = scheme or graph.meta.init
+    square = 1.0
+    for layer in graph.layers:
+        if layer.op == "relu":
+            square /= 2
+        elif layer.op in ("conv", "fc"):
+            kh, kw = kernel_hw(layer) if layer.op == "conv" else (1, 1)
+            fan_in, fan_out = layer.in_shape[0] * kh * kw, layer.out_shape[0] * kh * kw
+            if scheme == "xavier":
+                variance = 2.0 / (fan_in + fan_out)
+            elif scheme == "kaiming" and layer.op == "conv":
+                variance = 2.0 / fan_out
+            else:
+                variance = PAPER_STD ** 2
+            square *= fan_in * variance
+    return float(np.sqrt(square))
