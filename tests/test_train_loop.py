@@ -245,6 +245,50 @@ def test_a_trained_model_is_tested_as_it_was_trained(tmp_path: Path, folder: Pat
     assert result.exit_code == 2 and "positive integers" in result.output
 
 
+def test_a_rundir_inside_the_data_folder_is_refused(tmp_path):
+    from vggspec.cli import main
+
+    data = image_folder(tmp_path / "data", per_class=2)
+    spec = tiny_spec(tmp_path / "t.vgg")
+    for rundir in (data / "train" / "run", data, tmp_path / "data" / "x" / ".." / "run"):
+        result = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "-o", str(rundir),
+                                           "--device", "cpu", "--epochs", "1"])
+        assert result.exit_code == 1 and "is inside the data folder --data" in result.output, result.output
+    assert not (data / "train" / "run").exists() and not (data / "run").exists()
+
+
+def test_a_one_class_run_plots_without_a_warning(tmp_path):
+    import warnings
+
+    from vggspec.train.plot import plot_metrics
+
+    rows = [{"epoch": e, "train_loss": 0.0, "val_loss": 0.0, "val_top1_err": 0.0, "val_top5_err": 0.0,
+             "train_top1_err": 0.0, "lr": 0.01} for e in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_metrics(tmp_path, rows, "one class").is_file()
+
+
+def test_too_few_file_descriptors_for_the_workers_is_a_clear_error_not_a_hang(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    data = image_folder(tmp_path / "data", per_class=4)
+    spec = tiny_spec(tmp_path / "t.vgg")
+
+    def limit() -> None:  # `ulimit -n 16`, hard limit too: nothing to raise it to
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+
+    result = subprocess.run([sys.executable, "-m", "vggspec", "train", str(spec), "--data", str(data), "-o",
+                             str(tmp_path / "run"), "--workers", "2", "--epochs", "1", "--batch-size", "4",
+                             "--device", "cpu", "--no-progress"], preexec_fn=limit, capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stderr
+    assert "may open 16 files (ulimit -n)" in result.stderr and "--workers 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _warnings_of(run: object) -> list[str]:
     import warnings
 

@@ -107,6 +107,39 @@ class ImageDataset:
             return None
 
 
+# File descriptors a DataLoader worker costs the main process (its pipes and queues), and those of the batches
+# in flight: torch passes each shared tensor as a descriptor ("file_descriptor" sharing), two batches per worker.
+FDS_PER_WORKER = 16
+FDS_SPARE = 64
+
+
+def descriptor_problem(workers: int) -> str | None:
+    """Why `workers` DataLoader workers would run out of file descriptors, or None. The soft limit is raised to
+    the hard one first when that is enough (as a shell's `ulimit -n` would); otherwise, with too few, torch's
+    workers fail to pass batches back and the main process waits for ever (`ulimit -n 16`)."""
+    import resource
+
+    if workers == 0:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 32
+    need = in_use + workers * FDS_PER_WORKER + FDS_SPARE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(need, 4096), hard) if hard != resource.RLIM_INFINITY
+                                                        else max(need, 4096), hard))
+            return None
+        except (ValueError, OSError):
+            pass
+    return (f"the process may open {soft} files (ulimit -n), and {workers} DataLoader worker(s) need about "
+            f"{need} ({in_use} open already)")
+
+
 def collate(batch: list) -> tuple:
     """Stack the readable samples; return (images, labels, number skipped)."""
     import torch

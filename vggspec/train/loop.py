@@ -28,7 +28,16 @@ from ..weights.checkpoint import training_extra
 from . import distributed as D
 from .augment import Augment, CenterEval, Lighting, check_scale
 from .config import TrainConfig, TrainingNote
-from .data import GlobalBatchSampler, ImageDataset, Split, channel_stats, collate, eval_batches, scan_folder
+from .data import (
+    GlobalBatchSampler,
+    ImageDataset,
+    Split,
+    channel_stats,
+    collate,
+    descriptor_problem,
+    eval_batches,
+    scan_folder,
+)
 from .plot import append_metrics, keep_epochs, plot_metrics, read_metrics
 from .progress import EpochBar
 from .state import (
@@ -68,6 +77,33 @@ class TrainingError(VggspecError):
     """Training cannot go on (a non-finite loss); the last good checkpoint stays in RUNDIR."""
 
 
+# A batch the DataLoader workers have not delivered in this long means they are stuck or gone.
+LOADER_TIMEOUT = 600.0
+WORKER_HINT = "raise the limit (`ulimit -n 4096`) or load in the main process with --workers 0"
+
+
+class _Guarded:
+    """A DataLoader whose worker failures (no descriptors or processes left to start one, a batch never
+    delivered) end the run with a TrainingError, not a traceback per worker and a wait for ever."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        try:
+            yield from self.loader
+        except OSError as exc:  # EMFILE, EAGAIN: starting a worker process or its pipes failed
+            raise TrainingError(f"cannot start DataLoader workers ({exc.strerror or exc})", hint=WORKER_HINT) from None
+        except RuntimeError as exc:
+            if "DataLoader" not in str(exc):  # not the loader's own: a real bug, keep its traceback
+                raise
+            raise TrainingError(f"the DataLoader workers failed: {str(exc).splitlines()[0]}",
+                                hint=WORKER_HINT) from None
+
+
 def identity(graph: LayerGraph, sets: tuple[str, ...]) -> str:
     """What a resumed run must match: the spec text and its --set overrides."""
     return graph.meta.spec_text + "".join(f"\n# --set {s}" for s in sets)
@@ -93,6 +129,15 @@ def spec_sets_mean(graph: LayerGraph, sets: tuple[str, ...]) -> bool:
     from ..spec import parse
 
     return "mean" in parse(graph.meta.spec_text, graph.meta.spec_path, tuple(sets), keep_going=True).entries
+
+
+def check_rundir_outside(rundir: Path, data: Path) -> None:
+    """RUNDIR inside --data would be scanned as data on a resume (its metrics.png an image of a class folder
+    named after the run): refused, with the folders resolved so that links and `..` do not hide it."""
+    run, root = rundir.resolve(), data.resolve()
+    if run == root or root in run.parents:
+        raise VggspecError("is inside the data folder --data, where its files would become training images",
+                           str(rundir), f"train into a folder outside {data}")
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -196,6 +241,7 @@ class Trainer:
 
     def _check_data(self) -> None:
         c, w = self.config, self.world.size
+        check_rundir_outside(self.rundir, Path(c.data))
         self.train_split, self.val_split = scan_folder(c.data, self.graph.meta.classes, self.graph.meta.labels)
         self._check_classes()
         self._note_labels()
@@ -384,13 +430,16 @@ class Trainer:
         dataset.preload(PRELOAD_BYTES // 2)
         return dataset
 
-    def _loader(self, dataset: ImageDataset, batches: Any) -> torch.utils.data.DataLoader:
+    def _loader(self, dataset: ImageDataset, batches: Any) -> Any:
+        problem = descriptor_problem(self.config.workers)
+        if problem:  # torch's workers would fail in threads of their own and leave this process waiting
+            raise TrainingError(problem, hint=WORKER_HINT)
         # A private generator: the loader must not draw from the global RNG that dropout uses,
         # or a resumed run would see other dropout masks than an uninterrupted one.
-        return torch.utils.data.DataLoader(
+        return _Guarded(torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=self.config.workers, collate_fn=collate,
             generator=torch.Generator().manual_seed(self.config.seed),
-            pin_memory=self.world.device.type == "cuda")
+            pin_memory=self.world.device.type == "cuda", timeout=LOADER_TIMEOUT if self.config.workers else 0))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -399,11 +448,20 @@ class Trainer:
             return {"epoch": self.progress.epoch, "finished": True}
         train_set = self._dataset(self.train_split, train_tf)
         self.val_set = self._dataset(self.val_split, eval_tf)
+        self._choose_workers(train_set)
         last: dict[str, Any] = {}
         while self.progress.epoch < self.config.epochs:
             self._train_epoch(train_set)
             last = self._end_epoch()
         return last
+
+    def _choose_workers(self, train_set: ImageDataset) -> None:
+        """--workers left out: none when the decoded training set sits in memory (a small set, such as digits:
+        workers would only add process start-ups and copies each epoch; 74 epochs of digits on 2 cores took
+        60 s without them, 88 s with 2), else 2 to decode and augment beside the training step."""
+        if self.config.workers is None:
+            whole = len(train_set.cache) == len(self.train_split)
+            self.config = replace(self.config, workers=0 if whole else 2)
 
     def _autocast(self) -> Any:
         if not self.config.bf16:
