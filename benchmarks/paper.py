@@ -792,10 +792,11 @@ def curves_figure(runs: dict[str, Path], out: Path) -> str:
 
     fig = Figure(figsize=(9, 5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    for label, rundir in runs.items():
+    colours = matplotlib.colormaps["tab20"]
+    for i, (label, rundir) in enumerate(runs.items()):
         rows = [json.loads(x) for x in (rundir / "metrics.jsonl").read_text().splitlines()]
         ax.plot([r["epoch"] for r in rows], [100 * r["val_top1_err"] for r in rows], marker=".", label=label,
-                linestyle="--" if label.startswith("pilot") else "-")
+                color=colours(i % 20), linestyle="--" if label.startswith("pilot") else "-")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 error, % (trainer's centre crop)")
     ax.legend(fontsize=7, ncol=2)
