@@ -165,3 +165,12 @@ def test_compiled_text_writes_the_set_options_into_the_header() -> None:
     plain = "name: n\nconv3-8 maxpool FC-2 soft-max\n"
     assert compiled_text(plain) == plain
     assert compiled_text(plain, ("classes=2",)) == "name: n\nclasses: 2  # --set\nconv3-8 maxpool FC-2 soft-max\n"
+
+
+def test_zero_classes_is_a_located_spec_error():
+    with pytest.raises(SpecError) as info:
+        vggspec.load_spec("D", ("classes=0",))
+    assert "classes: '0' is not a positive integer" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        parse("name: t\ninput: 32x32\nclasses: 0\nconv3-8 maxpool FC-10 soft-max\n", "t.vgg")
+    assert "t.vgg:3:10: error: classes: '0' is not a positive integer" in str(info.value)
