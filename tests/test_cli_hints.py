@@ -132,3 +132,11 @@ def test_empty_paths_and_unusable_preprocessing_values_are_usage_errors(tmp_path
     for option, value in (("--std", "1e308"), ("--std", "1e-300"), ("--mean", "1e308"), ("--scale", "1e308")):
         result = CliRunner().invoke(main, ["predict", "m.onnx", "x.png", option, value])
         assert result.exit_code == 2 and "must be" in result.output, (option, result.output)
+
+
+def test_the_missing_extra_hint_names_what_the_command_needs() -> None:
+    from vggspec.cli.common import needed_extra
+
+    assert needed_extra("train", "networkx") == needed_extra("train", "torch") == "vggspec[train]"
+    assert needed_extra("export", "networkx") == "vggspec[compile]" and needed_extra("eval", "ray") == "vggspec[ray]"
+    assert needed_extra("train", "nonexistent_module") is None

@@ -166,7 +166,9 @@ def test_the_runtime_alone_predicts_and_evaluates_and_names_the_missing_extra(ru
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["images"] == 3
     for args, extra in ((("export", "edge.vgg", "-o", "x.onnx"), "compile"), (("summary", "edge.vgg"), "compile"),
-                        (("fuse", "dense.onnx", "dense.onnx", "-o", "f.onnx"), "compile")):
+                        (("fuse", "dense.onnx", "dense.onnx", "-o", "f.onnx"), "compile"),
+                        # train first misses the compiler, but [compile] alone would only move the error to torch
+                        (("train", "edge.vgg", "--data", "data"), "train"), (("data", "digits", "d"), "train")):
         done = run(runtime_python, *cli, *args, cwd=tmp_path)
         assert done.returncode == 1 and f"pip install 'vggspec[{extra}]'" in done.stderr, done.stderr
         assert "internal error" not in done.stderr and "Traceback" not in done.stderr

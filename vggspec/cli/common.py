@@ -29,6 +29,21 @@ EXTRAS = {"torch": "vggspec[train]", "torchvision": "vggspec[train]", "sklearn":
           "google": "vggspec[compile]", "matplotlib": "vggspec[draw]", "pydot": "vggspec[draw]"}
 
 
+# Commands whose extra brings more than the first missing module's: `train` on the edge install first misses
+# networkx (the compiler, [compile]), but installing [compile] only moves the error to torch. The hint names
+# the command's extra whenever it includes the missing module's.
+COMMAND_EXTRAS = {"train": "vggspec[train]", "data": "vggspec[train]"}
+INCLUDED = {"vggspec[train]": ("vggspec[train]", "vggspec[compile]", "vggspec[draw]")}
+
+
+def needed_extra(command: str | None, module: str) -> str | None:
+    """The extra to install when `command` misses `module`: the command's own when it brings the module's,
+    else the module's (None for a module no extra brings: a bug, not the setup)."""
+    extra = EXTRAS.get(module.split(".")[0])
+    whole = COMMAND_EXTRAS.get(command or "")
+    return whole if extra and whole and extra in INCLUDED.get(whole, ()) else extra
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line on stderr and exit."""
     click.echo(message, err=True)
@@ -88,7 +103,7 @@ class ErrorHandlingGroup(click.Group):
         except MemoryError:
             fail("error: out of memory", 1)
         except ModuleNotFoundError as exc:
-            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            extra = needed_extra(ctx.invoked_subcommand, exc.name or "")
             if extra is None:
                 _internal(exc)
             fail(f"error: this command needs {exc.name}, which is not installed\n  hint: pip install '{extra}'", 1)

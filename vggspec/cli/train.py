@@ -70,7 +70,9 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help=f"Continue the run in RUNDIR where it stopped, with its own spec, --set options, data folder, "
                    f"settings and class folders (SPEC and --data may be left out); it takes only {RESUMABLE} "
                    "(a larger --epochs extends it).")
-@click.option("--workers", type=bounded("workers"), default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=bounded("workers"), default=None,
+              help="DataLoader worker processes. Default: 0 when the decoded training set fits in memory (workers "
+                   "would only add start-ups and copies), else 2.")
 @click.option("--threads", type=bounded("threads"), default=0, show_default=True,
               help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")

@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     save_every: int = 0
-    workers: int = 2
+    workers: int | None = None  # DataLoader workers; None: 0 when the training set fits in memory, else 2
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default (one per core)
     compile: bool = False
     bf16: bool = False
