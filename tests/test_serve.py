@@ -66,7 +66,7 @@ class Server:
                                  LoadOptions("cpu", 1, settings.max_batch, delay / 1000), None,
                                  self.metrics.observe_batch)
         self.app = create_app(self.registry, settings, self.metrics)
-        self.sock = socket.socket()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio: Nagle off
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="error", access_log=False,
