@@ -18,7 +18,7 @@ ROOMS = [
     ("graph", ["graph", "summary", "draw"]),
     ("contract", ["contract", "imaging"]),
     ("weights", ["weights"]),
-    ("backends", ["backends"]),
+    ("backends", ["backends", "checkpoints"]),
     ("runtime", ["runtime"]),
     ("train", ["train"]),
     ("cli", ["cli", "__main__"]),

@@ -68,27 +68,15 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
 @set_option
 def init(spec: str, scheme: str | None, init_from: str | None, seed: int, output: str, sets: tuple[str, ...]) -> None:
     """Write an initialised checkpoint of SPEC (section 3.1 of the paper)."""
-    from ..weights import Checkpoint, init_weights, save_checkpoint
+    from ..checkpoints import init_checkpoint
+    from ..weights import save_checkpoint
 
     check_output(output, ("SPEC", spec), ("--init-from", init_from))
-    graph = load_graph(spec, sets)
-    scheme = scheme or graph.meta.init
-    source = f"init:{scheme}:seed={seed}"
-    if init_from is None:
-        tensors = init_weights(graph, scheme, seed)
-    else:
-        from ..weights import checkpoint_graph, load_checkpoint
-        from ..weights.shallow import init_from_shallow
-
-        shallow = load_checkpoint(init_from)
-        shallow_graph = checkpoint_graph(shallow, init_from)
-        result = init_from_shallow(graph, shallow_graph, shallow.tensors, scheme, seed, init_from)
-        tensors, source = result.tensors, f"{source};from:{Path(init_from).name}"
-        click.echo(f"copied from {init_from}: " + ", ".join(f"{s}->{t}" if s != t else s for s, t in result.copied))
-    ckpt = Checkpoint(tensors, spec=graph.meta.spec_text, preprocessing=graph.meta.preprocessing,
-                      labels=graph.meta.labels, source=source, overrides=tuple(sets))
-    save_checkpoint(output, ckpt)
-    click.echo(f"wrote {output} ({graph.meta.name}, {scheme} init, seed {seed})")
+    made = init_checkpoint(spec, scheme, init_from, seed, sets)
+    if init_from is not None:
+        click.echo(f"copied from {init_from}: " + ", ".join(f"{s}->{t}" if s != t else s for s, t in made.copied))
+    save_checkpoint(output, made.checkpoint)
+    click.echo(f"wrote {output} ({made.graph.meta.name}, {made.scheme} init, seed {seed})")
 
 
 @click.group()
@@ -109,41 +97,15 @@ def weights() -> None:
 @set_option
 def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[str, ...]) -> None:
     """Import FILE into a vggspec checkpoint, with the source's preprocessing in its metadata."""
-    from ..weights import Checkpoint, save_checkpoint
+    from ..checkpoints import import_checkpoint
+    from ..weights import save_checkpoint
 
     check_output(output, ("FILE", file), ("--spec", spec))
-    if source == "torchvision":
-        from ..weights import torchvision as tv
-
-        spec, sets = _torchvision_spec(spec, sets)
-        graph = load_graph(spec, sets)
-        tensors = tv.from_torchvision(graph, tv.load_pth(file), file)
-        preprocessing = tv.PREPROCESSING
-    else:
-        from ..weights import caffe
-
-        graph = load_graph(spec, sets)
-        tensors = caffe.from_caffe(graph, caffe.load_blobs(file, graph), file)  # only the blobs the spec needs
-        preprocessing = caffe.PREPROCESSING
-    if preprocessing.problem(graph.meta.input_shape[0]):  # ImageNet's RGB statistics, a network of other channels
-        preprocessing = graph.meta.preprocessing
-        click.echo(f"note: {source}'s preprocessing is for RGB images; the checkpoint takes the spec's "
-                   f"(mean {list(preprocessing.mean)}, std {list(preprocessing.std)}) for its "
-                   f"{graph.meta.input_shape[0]}-channel input", err=True)
-    ckpt = Checkpoint(tensors, spec=graph.meta.spec_text, preprocessing=preprocessing, labels=graph.meta.labels,
-                      source=f"{source}:{Path(file).name}", overrides=tuple(sets))
-    save_checkpoint(output, ckpt)
-    click.echo(f"wrote {output} ({graph.meta.name}, {len(tensors)} tensors from {source})")
-
-
-def _torchvision_spec(spec: str, sets: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-    """`--spec vgg16_bn` means D with norm=batch, unless a file of that name exists."""
-    from ..weights.torchvision import ARCHITECTURES, spec_for
-
-    if not Path(spec).exists() and spec.lower().removesuffix("_bn") in ARCHITECTURES:
-        base, extra = spec_for(spec.lower())
-        return base, (*extra, *sets)
-    return spec, sets
+    made = import_checkpoint(source, file, spec, sets)
+    if made.note:
+        click.echo(f"note: {made.note}", err=True)
+    save_checkpoint(output, made.checkpoint)
+    click.echo(f"wrote {output} ({made.graph.meta.name}, {len(made.checkpoint.tensors)} tensors from {source})")
 
 
 @weights.command("export", epilog=examples(
@@ -154,29 +116,13 @@ def _torchvision_spec(spec: str, sets: tuple[str, ...]) -> tuple[str, tuple[str,
 @click.option("-o", "--output", required=True, metavar="FILE", help="The file to write (atomically).")
 def export_weights(target: str, checkpoint: str, output: str) -> None:
     """Export a vggspec checkpoint (its spec read from its metadata) to another layout."""
-    from ..weights import checkpoint_graph, load_checkpoint
+    from ..checkpoints import export_checkpoint
 
     check_output(output, ("CKPT", checkpoint))
-    ckpt = load_checkpoint(checkpoint)
-    graph = checkpoint_graph(ckpt, checkpoint)
-    if target == "torchvision":
-        from ..weights import torchvision as tv
-
-        tv.save_pth(output, tv.to_torchvision(graph, ckpt.tensors))
-        if ckpt.preprocessing is not None and ckpt.preprocessing != tv.PREPROCESSING:
-            # torchvision's users normalise as ImageNet models do; these weights expect other inputs
-            click.echo(f"note: the weights expect preprocessing {ckpt.preprocessing.to_dict()}, not torchvision's",
-                       err=True)
-    else:
-        import numpy as np
-
-        from ..atomic import atomic_path
-        from ..weights import caffe
-
-        blobs = caffe.to_caffe(graph, ckpt.tensors)
-        with atomic_path(output, ".npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **blobs)
-    click.echo(f"wrote {output} ({graph.meta.name}, {target} layout)")
+    made = export_checkpoint(target, checkpoint, output)
+    if made.note:
+        click.echo(f"note: {made.note}", err=True)
+    click.echo(f"wrote {output} ({made.graph.meta.name}, {target} layout)")
 
 
 def register(main: click.Group) -> None:

@@ -8,15 +8,10 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import VggspecError
 from .common import bounded, check_output, check_side, examples, load_graph, set_option
-
-if TYPE_CHECKING:
-    from ..preprocessing import Preprocessing
 
 
 def _size(path: Path) -> str:
@@ -168,30 +163,9 @@ def _graph_and_weights(spec: str | None, weights: str | None, sets: tuple[str, .
         if spec is None:
             raise click.UsageError("give SPEC, or --weights CKPT to export the checkpoint's own spec")
         return load_graph(spec, sets), None, {}
-    from ..weights import check_tensors, checkpoint_graph, load_checkpoint
+    from ..checkpoints import export_inputs
 
-    ckpt = load_checkpoint(weights)
-    if spec is not None:
-        graph = load_graph(spec, sets)
-    else:
-        graph = checkpoint_graph(ckpt, weights, sets)
-    _refuse_preprocessing_sets(sets, graph.meta.preprocessing, ckpt.preprocessing, weights)
-    check_tensors(graph, ckpt.tensors, weights)  # here, so the error names the checkpoint file
-    from ..backends.onnx_checkpoint import checkpoint_protocol
-
-    return graph, ckpt.tensors, {"labels": ckpt.labels or None, "preprocessing": ckpt.preprocessing,
-                                 **checkpoint_protocol(ckpt, weights)}  # how it was trained: how it is tested
-
-
-def _refuse_preprocessing_sets(sets: tuple[str, ...], asked: Preprocessing, trained: Preprocessing | None,
-                               weights: str) -> None:
-    """--set scale/mean/std cannot change what a checkpoint's weights were trained on: the model carries
-    the checkpoint's preprocessing, so such a --set that differs from it would be ignored in silence."""
-    keys = sorted({s.split("=", 1)[0].strip() for s in sets} & {"scale", "mean", "std"})
-    if keys and trained is not None and asked != trained:
-        raise VggspecError(f"--set {', '.join(keys)}: the model takes the checkpoint's own preprocessing "
-                           f"({trained.to_dict()}), which its weights were trained with", weights,
-                           "leave those --set options out; to change the preprocessing, train with it")
+    return export_inputs(spec, weights, sets)
 
 
 def register(main: click.Group) -> None:

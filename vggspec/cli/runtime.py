@@ -170,7 +170,7 @@ def _export_checkpoint(checkpoint: str, folder: Path) -> Any:
 
     Imported when called: an .onnx model never loads the compiler.
     """
-    from ..backends.onnx_checkpoint import export_forms
+    from ..checkpoints import export_forms
 
     return export_forms(checkpoint, folder)
 

@@ -3,7 +3,7 @@
 `ModelOptions` is the one value predict and eval (and any script) pass around; `open_runner` loads the
 models (exporting both forms of a .safetensors checkpoint into a scratch folder that lives as long as
 the `with` block), picks the protocols and returns the Runner. The runtime sits below the compiler, so
-the exporter comes in as `export` (vggspec.backends.onnx_checkpoint.export_forms) from the caller.
+the exporter comes in as `export` (vggspec.checkpoints.export_forms) from the caller.
 """
 
 from __future__ import annotations
