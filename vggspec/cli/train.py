@@ -74,7 +74,8 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="DataLoader worker processes. Default: 0 when the decoded training set fits in memory (workers "
                    "would only add start-ups and copies), else 2.")
 @click.option("--threads", type=bounded("threads"), default=0, show_default=True,
-              help="torch threads per process (0: one per core). 1 is far faster on a CPU shared with other jobs.")
+              help="torch threads per process (0: one per core). 1 can be faster when other jobs keep every core busy; "
+                   "otherwise the default is (digits, 10 epochs, 2 cores at load 1.5: 11 s, against 15 s with 1).")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
 @click.option("--lighting", type=FiniteRange(0), default=0.1, show_default=True,
               help="Std of AlexNet's PCA colour shift (0 turns it off).")
