@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..atomic import atomic_path, check_output_path, sweep_stale, temp_prefix
+from ..atomic import atomic_path, check_output_path, naming_output, sweep_stale, temp_prefix
 from ..contract import EXTERNAL_DATA_BYTES
 from ..errors import ModelError
 
@@ -141,16 +141,19 @@ def _write_single(model: onnx.ModelProto, output: Path) -> None:
 def _write_external(model: onnx.ModelProto, output: Path) -> None:
     """Model and data into a hidden folder beside OUT, checked there, then renamed: data first, model last."""
     sweep_stale(output)
-    tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
+    with naming_output(output):
+        tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
     try:
         data_name = f"{output.name}.data"
         staged = tmpdir / output.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        with naming_output(output, tmpdir):  # a full disk names OUT, not the hidden folder
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
         check_model(staged)
-        for path in (tmpdir / data_name, staged):
-            os.chmod(path, 0o644)
-        os.replace(tmpdir / data_name, output.parent / data_name)
-        os.replace(staged, output)
+        with naming_output(output, tmpdir):
+            for path in (tmpdir / data_name, staged):
+                os.chmod(path, 0o644)
+            os.replace(tmpdir / data_name, output.parent / data_name)
+            os.replace(staged, output)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -18,7 +18,17 @@ import numpy as np
 
 from ..contract import key
 from ..errors import ModelError
-from ..imaging import MAX_SCALE, grid_crops, load_image, mirror, rescale, rescaled_size, scale_problem, to_array
+from ..imaging import (
+    MAX_SCALE,
+    check_pixels,
+    grid_crops,
+    load_image,
+    mirror,
+    rescale,
+    rescaled_size,
+    scale_problem,
+    to_array,
+)
 from ..labels import check_same_labels
 from .preprocess import check_size, check_static_size, to_input
 from .session import Model, ModelOutputError
@@ -144,9 +154,11 @@ class _Pixels:
     scaled: dict[tuple[int, int | None], np.ndarray] = field(default_factory=dict)
 
     def size_at(self, channels: int, q: int | None) -> tuple[int, int]:
-        """(width, height) at Q, without rescaling: what a model's memory check needs first."""
+        """(width, height) at Q, without rescaling: what a model's memory check needs first. The pixel
+        limit is checked here, before the memory check, as it is the one no option raises."""
         if channels not in self.decoded:
             self.decoded[channels] = load_image(self.path, channels)
+        check_pixels(self.decoded[channels].size, q, self.path)
         return rescaled_size(self.decoded[channels].size, q)
 
     def at(self, channels: int, q: int | None) -> np.ndarray:
