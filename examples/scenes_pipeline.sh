@@ -42,6 +42,8 @@ awk -v s="$start" -v e="$end" 'BEGIN { printf "training wall time: %.0f s\n", e 
 $VGGSPEC export --weights "$RUN/model.safetensors" --fully-conv --scores -o "$RUN/d_dense.onnx"
 $VGGSPEC eval "$RUN/d_dense.onnx" --data "$DATA/test" --scales 110 --scales 73,110,146 \
     --protocol dense --protocol multi-crop --protocol combined
+# With no options the model's own protocol: dense at its test scales, no flip (it says so on stderr).
+$VGGSPEC eval "$RUN/d_dense.onnx" --data "$DATA/test"
 
 # Where the digit is: Q = 192 gives a 5 x 5 score map. The first test scenes with a small digit.
 small=$(python3 - "$DATA" <<'PY'

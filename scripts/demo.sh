@@ -5,7 +5,9 @@
 #  3. the paper's method where scale matters: real handwriting at 20 to 64 px in cluttered scenes, the
 #     paper's D eight times narrower trained with scale jittering, evaluated dense, multi-crop and
 #     combined through onnxruntime, and heat maps of where its score map finds the digit;
-#  4. D compiled to a PyTorch module and exported to ONNX, standard and fully convolutional.
+#  4. the scenes model served by `vggspec serve` on 127.0.0.1, asked once with Triton's own client and once
+#     on the image endpoint, then stopped with SIGTERM;
+#  5. D compiled to a PyTorch module and exported to ONNX, standard and fully convolutional.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -28,7 +30,10 @@ $V graph D --fully-conv -o out/D-dense.png
 echo "== 3. the paper in miniature: scale-jittered narrow D on cluttered handwriting, end to end"
 bash examples/scenes_pipeline.sh out/scenes
 
-echo "== 4. D compiled and exported"
+echo "== 4. the scenes model served: Open Inference Protocol (Triton's client) and the image endpoint"
+VGGSPEC=$V bash examples/serve_demo.sh out/scenes/run/d_dense.onnx
+
+echo "== 5. D compiled and exported"
 $V build D --target torch -o out/vgg_d.py
 $V export D -o out/D.onnx
 $V export D --fully-conv --flip -o out/D-dense.onnx
