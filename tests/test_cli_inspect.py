@@ -37,6 +37,14 @@ def test_summary_at_a_larger_input_is_the_dense_form():
     assert out["layers"][-3]["output_shape"] == [1000, 6, 6]
 
 
+def test_an_input_too_small_for_the_dense_form_is_one_line():
+    """PassError, now a VggspecError, prints as it did before it joined the root."""
+    result = run("summary", "A", "--input", "16")
+    assert result.exit_code == 1
+    assert result.output == ("error: input 16x16 is too small for vgg_a: pool5 shrinks the 1x1 map below 1x1"
+                             " (its dense form needs at least about 224x224)\n")
+
+
 def test_set_overrides_on_the_command_line():
     out = json.loads(run("summary", "D", "--set", "norm=batch", "--set", "classes=10", "--json").output)
     assert out["classes"] == 10 and any(x["op"] == "bn" for x in out["layers"])

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vggspec"
 
 # Rooms from the bottom up; a room may import its own modules and any room below it.
 ROOMS = [
-    ("leaf", ["version", "errors", "files", "atomic", "preprocessing", "resources", "labels", "spec", "display",
-              "limits"]),
+    ("leaf", ["version", "error_root", "errors", "files", "atomic", "preprocessing", "resources", "labels", "spec",
+              "display", "limits"]),
     ("graph", ["graph", "summary", "draw"]),
     ("contract", ["contract", "imaging"]),
     ("weights", ["weights"]),

@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
+from .error_root import VggspecError
 from .spec.errors import Diagnostic, SpecError
-
-
-class VggspecError(Exception):
-    """An error a user can act on: a message, optionally the file it concerns and a hint."""
-
-    def __init__(self, message: str, path: str | None = None, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.path, self.hint = message, path, hint
-
-    def format(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        text = f"{where}error: {self.message}"
-        return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
 class SpecNotFoundError(VggspecError):
@@ -34,8 +22,10 @@ class DataError(VggspecError):
     """An image, a data folder or a label file that cannot be used."""
 
 
-__all__ = ["DataError", "Diagnostic", "ModelError", "SpecError", "SpecNotFoundError", "VggspecError", "WeightsError"]
+class PassError(VggspecError, ValueError):
+    """A graph pass cannot apply to this graph (say, an input too small for the dense form). Still a
+    ValueError, as it was before it joined the root, for callers that catch that."""
 
 
-class PassError(ValueError):
-    """A graph pass cannot apply to this graph (say, an input too small for the dense form)."""
+__all__ = ["DataError", "Diagnostic", "ModelError", "PassError", "SpecError", "SpecNotFoundError", "VggspecError",
+           "WeightsError"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..display import terminal
-from ..errors import PassError, SpecError, VggspecError
+from ..errors import SpecError, VggspecError
 
 if TYPE_CHECKING:
     from ..graph import LayerGraph
@@ -92,10 +92,8 @@ class ErrorHandlingGroup(click.Group):
                 return super().invoke(ctx)
         except SpecError as exc:
             fail(terminal(exc.format(), keep_newlines=True), 1)
-        except VggspecError as exc:
+        except VggspecError as exc:  # every other error of ours, PassError and TrainingError too
             fail(error_text(exc), 1)
-        except PassError as exc:
-            fail(f"error: {exc}", 1)
         except Terminated:
             fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..error_root import VggspecError
+
 
 def shorten(text: str, keep: int = 24) -> str:
     """A value quoted in a message: a 5,000-digit number or a 30,000-space line must not fill the screen."""
@@ -42,13 +44,14 @@ class Diagnostic:
 
 
 @dataclass
-class SpecError(Exception):
-    """One or more diagnostics found in one spec; raised after collecting all of them."""
+class SpecError(VggspecError):
+    """One or more diagnostics found in one spec; raised after collecting all of them. A VggspecError whose
+    message is every diagnostic with its caret, and whose path is the spec's."""
 
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        super().__init__(self.format())
+        super().__init__(self.format(), self.diagnostics[0].path if self.diagnostics else None)
 
     def format(self) -> str:
         return "\n".join(d.format() for d in self.diagnostics)
