@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import vggspec
 from vggspec.cli import main
 from vggspec.errors import DataError, SpecError
+from vggspec.files import file_problem
 from vggspec.labels import MAX_BYTES, check_label_count, read_labels
 
 
@@ -57,9 +58,11 @@ def test_label_count_against_the_classes(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_devices_pipes_and_huge_files_are_refused_without_reading(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe")
-    for path in ("/dev/zero", tmp_path / "pipe", tmp_path):
+    for path in ("/dev/zero", tmp_path / "pipe"):
         with pytest.raises(DataError, match="not a regular file"):
             read_labels(path)
+    with pytest.raises(DataError, match="is a folder, not a label file"):
+        read_labels(tmp_path)
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
         f.truncate(MAX_BYTES + 1)
@@ -123,3 +126,43 @@ def test_empty_and_bad_json(tmp_path: Path) -> None:
         read_labels(tmp_path / "e.txt")
     with pytest.raises(DataError, match="JSON"):
         read_labels(tmp_path / "j.txt")
+
+
+def _unreadable(tmp_path: Path) -> dict[str, Path]:
+    """A label file that is missing, a folder, a pipe, a dangling link and a link loop."""
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.txt")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return {"missing": tmp_path / "missing.txt", "folder": tmp_path / "folder", "pipe": tmp_path / "pipe",
+            "dangling": tmp_path / "dangling", "loop": tmp_path / "loop"}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_unreadable_label_file_is_said_as_for_every_input_file(tmp_path: Path) -> None:
+    # files.require_file is asked first: the same words as a missing checkpoint, model or image.
+    expected = {"missing": "no such file", "folder": "is a folder, not a label file",
+                "pipe": "not a regular file (a device, pipe or socket)",
+                "dangling": f"dangling symbolic link (to {tmp_path / 'gone.txt'})", "loop": "symbolic link loop"}
+    for name, path in _unreadable(tmp_path).items():
+        with pytest.raises(DataError) as info:
+            read_labels(path)
+        assert (info.value.message, info.value.path) == (expected[name], str(path))
+        assert info.value.message == file_problem(path, "a label file")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_unreadable_label_file_in_a_spec_and_on_the_command_line(tmp_path: Path) -> None:
+    paths = _unreadable(tmp_path)
+    spec = tmp_path / "s.vgg"
+    spec.write_text(SPEC.format("missing.txt"))
+    with pytest.raises(SpecError, match="labels file .*missing.txt: no such file"):
+        vggspec.load_spec(spec)
+    spec.write_text(SPEC.format("pipe"))
+    with pytest.raises(SpecError, match="labels file .*pipe: not a regular file"):
+        vggspec.load_spec(spec)
+    with pytest.raises(SpecError, match="labels file .*dangling: dangling symbolic link"):
+        vggspec.load_spec(spec, ["labels=" + str(paths["dangling"])])
+    result = CliRunner().invoke(main, ["summary", str(spec), "--set", "labels=" + str(paths["loop"])])
+    assert result.exit_code == 1 and f"labels file {paths['loop']}: symbolic link loop" in result.output
+    assert "Traceback" not in result.output

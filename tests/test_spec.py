@@ -143,7 +143,7 @@ def test_labels_file_is_read_beside_the_spec(tmp_path):
     with pytest.raises(SpecError, match="2 labels for 3 classes"):
         vggspec.load_spec(spec)
     spec.write_text("labels: missing.txt\ninput: 32x32\nconv3-4 maxpool FC-3 soft-max\n")
-    with pytest.raises(SpecError, match="cannot read the label file"):
+    with pytest.raises(SpecError, match="missing.txt: no such file"):
         vggspec.load_spec(spec)
 
 

@@ -15,28 +15,24 @@ named on the command line (`--labels`, `--set labels=`) is the user's own choice
 from __future__ import annotations
 
 import json
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError, ModelError
+from .files import require_file
 
 MAX_BYTES = 16 * 2**20  # ImageNet-21k's 21,841 labels take under 1 MB
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:
     """The labels in `path`; a DataError naming the file and what is wrong with it."""
-    path = Path(path)
+    # Asked first, as for every file a user names: missing, a dangling link, a folder or a pipe is said the same way.
+    path = require_file(path, DataError, "a label file")
     try:
-        info = path.stat()
-    except OSError as exc:
-        raise DataError(f"cannot read the label file ({exc.strerror or exc})", str(path)) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise DataError("the label file is not a regular file", str(path), "give a text file, one label per line")
-    if info.st_size > MAX_BYTES:
-        raise DataError(f"the label file is {info.st_size / 2**20:.0f} MB, more than {MAX_BYTES // 2**20} MB",
-                        str(path))
-    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise DataError(f"the label file is {size / 2**20:.0f} MB, more than {MAX_BYTES // 2**20} MB",
+                            str(path))
         # utf-8-sig: a byte-order mark (Windows editors) would otherwise stick to the first label.
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
