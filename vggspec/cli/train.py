@@ -13,7 +13,7 @@ import click
 
 from ..display import terminal
 from ..limits import MAX_CLUTTER, MAX_LR, MAX_SCENES, MAX_WEIGHT_DECAY, scenes_bytes
-from ..train.config import MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
+from ..train.config import DEFAULTS, MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
 from .common import Bounded, FiniteRange, bounded, examples, not_empty, set_option
 
 # Images per split of `data scenes`; the hint says what the largest count would take on disk (--size 96).
@@ -45,48 +45,52 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Image folder: DIR/train/<class>/* and DIR/val/<class>/*. Required, except with --resume.")
 @click.option("-o", "--output", "rundir", metavar="RUNDIR", default=None, callback=not_empty,
               help="Run folder: model.safetensors, state/, metrics.jsonl, metrics.png. Default runs/<spec name>.")
-@click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=None,
+@click.option("--scale", callback=_scale, metavar="S|SMIN:SMAX", default=DEFAULTS["scale"],
               help="Training scale: fixed S (256) or jittered per image (256:512). Default: input side x 256/224.")
-@click.option("--batch-size", type=bounded("batch_size", 1), default=256, show_default=True,
+@click.option("--batch-size", type=bounded("batch_size", 1), default=DEFAULTS["batch_size"], show_default=True,
               help="Global batch, over all processes.")
-@click.option("--accumulate", type=bounded("batch_size", 1), default=1, show_default=True,
+@click.option("--accumulate", type=bounded("batch_size", 1), default=DEFAULTS["accumulate"], show_default=True,
               help="Split each batch into N micro-batches whose gradients add up (for memory).")
-@click.option("--lr", type=FiniteRange(0, MAX_LR, min_open=True), default=1e-2, show_default=True,
+@click.option("--lr", type=FiniteRange(0, MAX_LR, min_open=True), default=DEFAULTS["lr"], show_default=True,
               help="Learning rate (1e-3 to fine-tune).")
-@click.option("--momentum", type=FiniteRange(0, 1, max_open=True), default=0.9, show_default=True)
-@click.option("--weight-decay", type=FiniteRange(0, MAX_WEIGHT_DECAY), default=5e-4, show_default=True)
-@click.option("--epochs", type=bounded("epochs", 1), default=74, show_default=True)
-@click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
-              help="Epochs without a better val accuracy before the rate is divided by 10 (at most 3 times).")
-@click.option("--init-from", metavar="CKPT", default=None,
+@click.option("--momentum", type=FiniteRange(0, 1, max_open=True), default=DEFAULTS["momentum"], show_default=True)
+@click.option("--weight-decay", type=FiniteRange(0, MAX_WEIGHT_DECAY), default=DEFAULTS["weight_decay"],
+              show_default=True)
+@click.option("--epochs", type=bounded("epochs", 1), default=DEFAULTS["epochs"], show_default=True)
+@click.option("--patience", type=click.IntRange(0), default=DEFAULTS["patience"], show_default=True,
+              help="Epochs without a better val accuracy before the rate is divided by 10 "
+                   f"(at most {DEFAULTS['max_decreases']} times).")
+@click.option("--init-from", metavar="CKPT", default=DEFAULTS["init_from"],
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
-@click.option("--weights", metavar="CKPT", default=None,
+@click.option("--weights", metavar="CKPT", default=DEFAULTS["weights"],
               help="Start from these weights (fine-tuning). Not with --init-from.")
-@click.option("--seed", type=bounded("seed"), default=0, show_default=True)
-@click.option("--deterministic", is_flag=True, help="Deterministic kernels: a resumed run equals an uninterrupted one.")
-@click.option("--save-every", type=click.IntRange(0), default=0, metavar="STEPS",
+@click.option("--seed", type=bounded("seed"), default=DEFAULTS["seed"], show_default=True)
+@click.option("--deterministic", is_flag=True, default=DEFAULTS["deterministic"],
+              help="Deterministic kernels: a resumed run equals an uninterrupted one.")
+@click.option("--save-every", type=click.IntRange(0), default=DEFAULTS["save_every"], metavar="STEPS",
               help="Also checkpoint every STEPS optimizer steps (always at the end of each epoch).")
 @click.option("--resume", "resume", metavar="RUNDIR", default=None, callback=not_empty,
               help=f"Continue the run in RUNDIR where it stopped, with its own spec, --set options, data folder, "
                    f"settings and class folders (SPEC and --data may be left out); it takes only {RESUMABLE} "
                    "(a larger --epochs extends it).")
-@click.option("--workers", type=bounded("workers"), default=None,
+@click.option("--workers", type=bounded("workers"), default=DEFAULTS["workers"],
               help="DataLoader worker processes. Default: 0 when the decoded training set fits in memory (workers "
                    "would only add start-ups and copies), else 2.")
-@click.option("--threads", type=bounded("threads"), default=0, show_default=True,
+@click.option("--threads", type=bounded("threads"), default=DEFAULTS["threads"], show_default=True,
               help="torch threads per process (0: one per core). 1 can be faster when other jobs keep every core busy; "
                    "otherwise the default is (digits, 10 epochs, 2 cores at load 1.5: 11 s, against 15 s with 1).")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
-@click.option("--lighting", type=FiniteRange(0), default=0.1, show_default=True,
+@click.option("--flip/--no-flip", default=DEFAULTS["flip"], show_default=True, help="Random horizontal flips.")
+@click.option("--lighting", type=FiniteRange(0), default=DEFAULTS["lighting"], show_default=True,
               help="Std of AlexNet's PCA colour shift (0 turns it off).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--compile", is_flag=True, help="torch.compile the model.")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast.")
-@click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convolutions on GPUs).")
-@click.option("--sync-bn", is_flag=True,
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=DEFAULTS["device"], show_default=True)
+@click.option("--compile", is_flag=True, default=DEFAULTS["compile"], help="torch.compile the model.")
+@click.option("--bf16", is_flag=True, default=DEFAULTS["bf16"], help="bfloat16 autocast.")
+@click.option("--channels-last", is_flag=True, default=DEFAULTS["channels_last"],
+              help="NHWC memory format (faster convolutions on GPUs).")
+@click.option("--sync-bn", is_flag=True, default=DEFAULTS["sync_bn"],
               help="Under torchrun: batch norm over the global batch, not each process's slice "
                    "(N processes then train what one process trains).")
-@click.option("--progress/--no-progress", default=True, help="The per-epoch progress bar.")
+@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help="The per-epoch progress bar.")
 @set_option
 @click.pass_context
 def train(ctx: click.Context, spec: str | None, rundir: str | None, resume: str | None, sets: tuple[str, ...],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from ..errors import VggspecError
@@ -81,3 +81,8 @@ class TrainConfig:
         d["sets"] = tuple(d.get("sets", ()))
         d["scale"] = tuple(d["scale"]) if d.get("scale") else None
         return cls(**d)
+
+
+# The one source of training defaults: `vggspec train`'s options read theirs from here, so the command and a
+# TrainConfig made in Python cannot drift apart (tests/test_cli_train.py checks every option against it).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
