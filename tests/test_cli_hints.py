@@ -126,7 +126,10 @@ def test_empty_paths_and_unusable_preprocessing_values_are_usage_errors(tmp_path
                                                                      "-o", ""],
                  ["train", "examples/digits.vgg", "--resume", ""], ["eval", "m.onnx", "--data", data,
                                                                     "--predictions", ""],
-                 ["predict", "m.onnx", "x.png", "--heatmap", ""]):
+                 ["predict", "m.onnx", "x.png", "--heatmap", ""], ["export", "D", "-o", ""],
+                 ["build", "D", "-o", ""], ["init", "D", "-o", ""], ["graph", "D", "-o", ""],
+                 ["fuse", "a.onnx", "b.onnx", "-o", ""],
+                 ["weights", "export", "--to", "torchvision", "c.st", "-o", ""]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and "is empty; give a path" in result.output, (args, result.output)
     for option, value in (("--std", "1e308"), ("--std", "1e-300"), ("--mean", "1e308"), ("--scale", "1e308")):

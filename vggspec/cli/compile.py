@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import bounded, check_output, examples, load_graph, set_option, spec_argument
+from .common import bounded, check_output, examples, load_graph, not_empty, set_option, spec_argument
 
 SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without importing numpy here
 
@@ -22,7 +22,8 @@ SCHEMES = ("paper", "xavier", "kaiming")  # vggspec.weights.SCHEMES, without imp
 @spec_argument
 @click.option("--target", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="torch: a standalone PyTorch module (.py); onnx: the ONNX graph with default options.")
-@click.option("-o", "--output", metavar="OUT", help="The file to write (atomically). torch: stdout without it.")
+@click.option("-o", "--output", callback=not_empty, metavar="OUT",
+              help="The file to write (atomically). torch: stdout without it.")
 @set_option
 def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> None:
     """Compile SPEC to PyTorch source or an ONNX graph.
@@ -64,7 +65,8 @@ def build(spec: str, target: str, output: str | None, sets: tuple[str, ...]) -> 
               help="A shallower net's checkpoint (net A in the paper): copy its first four conv and last three "
                    "FC layers, initialise the rest.")
 @click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed of the random initialisation.")
-@click.option("-o", "--output", required=True, metavar="OUT.safetensors", help="The checkpoint to write (atomically).")
+@click.option("-o", "--output", callback=not_empty, required=True, metavar="OUT.safetensors",
+              help="The checkpoint to write (atomically).")
 @set_option
 def init(spec: str, scheme: str | None, init_from: str | None, seed: int, output: str, sets: tuple[str, ...]) -> None:
     """Write an initialised checkpoint of SPEC (section 3.1 of the paper)."""
@@ -93,7 +95,8 @@ def weights() -> None:
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=False))
 @click.option("--spec", "spec", required=True, metavar="SPEC",
               help="The spec the weights belong to; with --from torchvision also vgg11..vgg19[_bn].")
-@click.option("-o", "--output", required=True, metavar="OUT.safetensors", help="The checkpoint to write (atomically).")
+@click.option("-o", "--output", callback=not_empty, required=True, metavar="OUT.safetensors",
+              help="The checkpoint to write (atomically).")
 @set_option
 def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[str, ...]) -> None:
     """Import FILE into a vggspec checkpoint, with the source's preprocessing in its metadata."""
@@ -113,7 +116,8 @@ def import_weights(source: str, file: str, spec: str, output: str, sets: tuple[s
 @click.option("--to", "target", type=click.Choice(["torchvision", "caffe"]), required=True,
               help="torchvision: a .pth state_dict for torchvision.models.vggNN[_bn]; caffe: .npz of Caffe blobs.")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, metavar="FILE", help="The file to write (atomically).")
+@click.option("-o", "--output", callback=not_empty, required=True, metavar="FILE",
+              help="The file to write (atomically).")
 def export_weights(target: str, checkpoint: str, output: str) -> None:
     """Export a vggspec checkpoint (its spec read from its metadata) to another layout."""
     from ..checkpoints import export_checkpoint

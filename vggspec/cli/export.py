@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import bounded, check_output, check_side, examples, load_graph, set_option
+from .common import bounded, check_output, check_side, examples, load_graph, not_empty, set_option
 
 
 def _size(path: Path) -> str:
@@ -45,7 +45,8 @@ def _size(path: Path) -> str:
               help="Fix every input and output dimension, e.g. 1x384x512 (edge compilers, tract, TensorRT).")
 @click.option("--seed", type=bounded("seed"), default=0, show_default=True,
               help="Seed of the initialisation when there is no --weights.")
-@click.option("-o", "--output", metavar="OUT.onnx", help="The file to write (atomically). Needed unless --triton-repo.")
+@click.option("-o", "--output", callback=not_empty, metavar="OUT.onnx",
+              help="The file to write (atomically). Needed unless --triton-repo.")
 @click.option("--triton-repo", metavar="DIR", type=click.Path(file_okay=False),
               help="Also (or instead) write a Triton model repository entry: DIR/NAME/1/model.onnx, "
                    "DIR/NAME/config.pbtxt and DIR/NAME/labels.txt, complete or not at all.")

@@ -7,7 +7,7 @@ import shutil
 
 import click
 
-from .common import check_output, examples, load_graph, parse_hw, set_option, spec_argument
+from .common import check_output, examples, load_graph, not_empty, parse_hw, set_option, spec_argument
 
 
 @click.command(epilog=examples(
@@ -46,7 +46,8 @@ def summary(spec: str, input_hw: str | None, fully_conv: bool, as_json: bool, se
     "vggspec graph D --fully-conv -o d_dense.png",
 ))
 @spec_argument
-@click.option("-o", "--output", required=True, metavar="FILE", help="Picture to write: .svg, .png, .pdf or .dot.")
+@click.option("-o", "--output", callback=not_empty, required=True, metavar="FILE",
+              help="Picture to write: .svg, .png, .pdf or .dot.")
 @click.option("--fully-conv", is_flag=True, help="Draw the dense-evaluation form.")
 @set_option
 def graph(spec: str, output: str, fully_conv: bool, sets: tuple[str, ...]) -> None:

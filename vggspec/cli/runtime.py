@@ -469,7 +469,8 @@ def _print_table(report: Report, runner: Runner, data: str, classes: int, total:
 
 @click.command(epilog=examples("vggspec fuse d_dense.onnx e_dense.onnx -o de_dense.onnx"))
 @click.argument("models", metavar="M1.onnx M2.onnx...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, metavar="ENS.onnx", help="The fused model to write (atomically).")
+@click.option("-o", "--output", callback=not_empty, required=True, metavar="ENS.onnx",
+              help="The fused model to write (atomically).")
 def fuse(models: tuple[str, ...], output: str) -> None:
     """ConvNet fusion (section 4.4): one ONNX graph running every model on the same input, posteriors averaged.
 
