@@ -59,7 +59,7 @@ def test_training_eval_transform_equals_runtime_preprocessing(tmp_path: Path, ch
     _, val = scan_folder(tmp_path, 2)
     # Training's path: the dataset decodes, the evaluation transform rescales, crops and normalises.
     dataset = ImageDataset(val, CenterEval(crop=crop, size=q, preprocessing=prep), channels, seed=0)
-    info = ModelInfo("m.onnx", "m", 2, crop, channels, prep)
+    info = ModelInfo(path="m.onnx", name="m", classes=2, input_size=crop, channels=channels, preprocessing=prep)
     for index, path in enumerate(val.files):
         trained, _ = dataset[(0, index)]
         # The runtime's path: the whole image at Q, as a dense model takes it; the centre crop of it.

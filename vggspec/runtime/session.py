@@ -10,13 +10,13 @@ import io
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..contract import from_props, has_metadata
+from ..contract import Metadata, from_props, has_metadata
 from ..errors import DataError, ModelError
 from ..files import file_problem
 from ..preprocessing import Preprocessing
@@ -35,22 +35,12 @@ GPU_PROVIDERS = frozenset({PROVIDERS["tensorrt"], PROVIDERS["cuda"]})
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the runtime needs to know about a model: the vggspec metadata plus the graph's real IO."""
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(Metadata):
+    """What the runtime needs to know about a model: the contract's Metadata (a metadata-less model's as far as
+    its shape and the command line tell) plus the graph's real IO, by keyword."""
 
     path: str
-    name: str
-    classes: int
-    input_size: tuple[int, int]  # H, W: the crop size, and the minimum size of a dense model
-    channels: int
-    preprocessing: Preprocessing
-    labels: tuple[str, ...] = ()
-    fully_conv: bool = False
-    flip: bool = False  # the graph averages the image and its mirror itself
-    embedded_preprocessing: bool = False  # input is uint8 NHWC pixels
-    scores: bool = False
-    precision: str = "fp32"
     has_metadata: bool = True
     input_name: str = "input"
     input_dtype: Any = np.float32
@@ -60,9 +50,11 @@ class ModelInfo:
     probs_are_logits: bool = False  # metadata-less models may end in raw scores
     overridden: tuple[str, ...] = ()  # Overrides fields that replaced different values of the vggspec metadata
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
-    test_scales: tuple[int, ...] = ()  # the model's default test scales Q; (): its input side
-    test_flip: bool | None = None  # whether it is tested with the mirror image by default; None: unstated (flip)
-    training: tuple[tuple[str, Any], ...] = ()  # how its weights were trained: (("scale", (Smin, Smax)), ("flip", b))
+
+    @classmethod
+    def of(cls, meta: Metadata, path: str, **io: Any) -> ModelInfo:
+        """`meta` as read from a model at `path`, with its IO fields (`io`) where known."""
+        return cls(**{f.name: getattr(meta, f.name) for f in fields(Metadata)}, path=path, **io)
 
     @property
     def probs_output(self) -> str:
@@ -274,13 +266,7 @@ def read_info(session: Any, path: str | Path, overrides: Overrides | None = None
 
 
 def _from_metadata(props: dict[str, str], path: str) -> ModelInfo:
-    m = from_props(props, path, default_name=Path(path).stem)
-    return ModelInfo(
-        path=path, name=m.name, classes=m.classes, input_size=m.input_size, channels=m.channels,
-        preprocessing=m.preprocessing, labels=m.labels, fully_conv=m.fully_conv, flip=m.flip,
-        embedded_preprocessing=m.embedded_preprocessing, scores=m.scores, precision=m.precision, has_metadata=True,
-        test_scales=m.test_scales, test_flip=m.test_flip, training=m.training,
-    )
+    return ModelInfo.of(from_props(props, path, default_name=Path(path).stem), path, has_metadata=True)
 
 
 def _from_shape(shape: list[Any], dtype: Any, path: str, ov: Overrides) -> ModelInfo:
