@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
 from ..labels import read_labels, spec_labels
 from ..preprocessing import Preprocessing
-from ..spec import DiagnosticSink, Span, SpecTree
+from ..spec import DiagnosticSink, Header, LayerToken, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
 from .infer import ShapeError, annotate
 from .layer import Layer
@@ -87,76 +89,111 @@ class _Namer:
         return self.fc
 
 
+@dataclass
+class _Expansion:
+    """What expanding a spec's layer tokens carries from one token to the next."""
+
+    header: Header
+    sink: DiagnosticSink
+    total_fc: int  # FC layers after repetition: the last is the classifier
+    adapt: int | None  # `--set classes=N`: the last FC layer's width
+    namer: _Namer = field(default_factory=_Namer)
+    layers: list[Layer] = field(default_factory=lambda: [Layer("input", "input", {}, 1)])
+    seen_fc: int = 0
+    seen_softmax: bool = False
+
+    def add(self, name: str, op: str, attrs: dict, loc: tuple[int, int, int], stage: int | None = None) -> None:
+        self.layers.append(Layer(name, op, attrs, self.namer.stage if stage is None else stage, loc))
+
+
+# One function per token kind, called once per repetition; each returns False to stop the token's repetitions.
+Expander = Callable[[_Expansion, LayerToken, tuple[int, int, int]], bool]
+
+
+def _conv(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
+    suffix, name = ex.namer.conv()
+    attrs = {"kernel": token.kernel, "out_channels": scaled(token.channels, ex.header.width),
+             "padding": token.kernel // 2, "stride": 1}
+    ex.add(name, "conv", attrs, loc)
+    if ex.header.norm == "batch":
+        ex.add(f"bn{suffix}", "bn", {"eps": 1e-5, "momentum": 0.1}, loc)
+    ex.add(f"relu{suffix}", "relu", {}, loc)
+    return True
+
+
+def _lrn(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
+    name = f"norm{ex.namer.stage}"
+    if any(layer.name == name for layer in ex.layers):
+        ex.sink.error(token.span, f"a second LRN in stage {ex.namer.stage}",
+                      f"a stage has at most one LRN, named {name} as in the Caffe release; "
+                      "the paper's A-LRN has one, after conv1_1")
+        return False
+    ex.add(name, "lrn", {"size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}, loc)
+    return True
+
+
+def _maxpool(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
+    stage = ex.namer.stage  # the pool closes its stage: it belongs to the one before the namer moves on
+    ex.add(ex.namer.pool(), "maxpool", {"kernel": 2, "stride": 2}, loc, stage)
+    return True
+
+
+def _fc(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
+    n = ex.namer.next_fc()
+    if not ex.seen_fc:
+        ex.add("flatten", "flatten", {}, loc)
+    ex.seen_fc += 1
+    last = ex.seen_fc == ex.total_fc
+    units = (ex.adapt or token.channels) if last else scaled(token.channels, ex.header.width)
+    ex.add(f"fc{n}", "fc", {"out_features": units}, loc)
+    if not last:
+        ex.add(f"relu{n}", "relu", {}, loc)
+        if ex.header.dropout > 0:
+            ex.add(f"drop{n}", "dropout", {"p": ex.header.dropout}, loc)
+    return True
+
+
+def _softmax(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
+    ex.seen_softmax = True
+    ex.add("prob", "softmax", {"axis": 1}, loc)
+    return False
+
+
+EXPANDERS: dict[str, Expander] = {"conv": _conv, "lrn": _lrn, "maxpool": _maxpool, "fc": _fc, "softmax": _softmax}
+
+
 def _expand(tree: SpecTree, sink: DiagnosticSink) -> list[Layer]:
-    header = tree.header
-    assert header is not None
+    """The layers of the spec's tokens, repetitions expanded and named; misplaced tokens reported and skipped."""
+    assert tree.header is not None
     if _too_many_layers(tree, sink):
         return [Layer("input", "input", {}, 1)]
-    namer = _Namer()
-    layers = [Layer("input", "input", {}, 1)]
     fcs = [t for t in tree.layers if t.kind == "fc"]
-    total_fc = sum(t.repeat for t in fcs)
-    adapt = _classes_override(tree)
-    seen_fc = seen_softmax = 0
+    ex = _Expansion(tree.header, sink, sum(t.repeat for t in fcs), _classes_override(tree))
     for token in tree.layers:
+        if _misplaced(ex, token):
+            continue
         loc = (token.span.line, token.span.col, token.span.length)
-        base: dict = {}
-        if seen_softmax:
-            sink.error(token.span, f"'{token.text}' after soft-max", "soft-max must be the last layer")
-            continue
-        if token.kind in ("conv", "lrn", "maxpool") and seen_fc:
-            sink.error(
-                token.span,
-                f"'{token.text}' after a fully connected layer",
-                "convolutions, LRN and pooling come before the FC layers",
-            )
-            continue
+        expand = EXPANDERS[token.kind]
         for _ in range(token.repeat):
-            if token.kind == "conv":
-                suffix, name = namer.conv()
-                attrs = {
-                    **base,
-                    "kernel": token.kernel,
-                    "out_channels": scaled(token.channels, header.width),
-                    "padding": token.kernel // 2,
-                    "stride": 1,
-                }
-                layers.append(Layer(name, "conv", attrs, namer.stage, loc))
-                if header.norm == "batch":
-                    layers.append(Layer(f"bn{suffix}", "bn", {**base, "eps": 1e-5, "momentum": 0.1}, namer.stage, loc))
-                layers.append(Layer(f"relu{suffix}", "relu", dict(base), namer.stage, loc))
-            elif token.kind == "lrn":
-                if any(layer.name == f"norm{namer.stage}" for layer in layers):
-                    sink.error(token.span, f"a second LRN in stage {namer.stage}",
-                               f"a stage has at most one LRN, named norm{namer.stage} as in the Caffe release; "
-                               "the paper's A-LRN has one, after conv1_1")
-                    break
-                attrs = {**base, "size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}
-                layers.append(Layer(f"norm{namer.stage}", "lrn", attrs, namer.stage, loc))
-            elif token.kind == "maxpool":
-                stage = namer.stage
-                layers.append(Layer(namer.pool(), "maxpool", {**base, "kernel": 2, "stride": 2}, stage, loc))
-            elif token.kind == "fc":
-                n = namer.next_fc()
-                if not seen_fc:
-                    layers.append(Layer("flatten", "flatten", dict(base), namer.stage, loc))
-                seen_fc += 1
-                last = seen_fc == total_fc
-                units = (adapt or token.channels) if last else scaled(token.channels, header.width)
-                layers.append(Layer(f"fc{n}", "fc", {**base, "out_features": units}, namer.stage, loc))
-                if seen_fc < total_fc:
-                    layers.append(Layer(f"relu{n}", "relu", dict(base), namer.stage, loc))
-                    if header.dropout > 0:
-                        layers.append(Layer(f"drop{n}", "dropout", {**base, "p": header.dropout}, namer.stage, loc))
-            else:
-                seen_softmax = 1
-                layers.append(Layer("prob", "softmax", {**base, "axis": 1}, namer.stage, loc))
+            if not expand(ex, token, loc):
                 break
     if not fcs:
         sink.error(tree.end, "spec has no FC layer", "end the network with FC-N soft-max, N the number of classes")
-    elif not seen_softmax:
+    elif not ex.seen_softmax:
         sink.error(tree.end, "spec does not end with soft-max", "add soft-max after the last FC layer")
-    return layers
+    return ex.layers
+
+
+def _misplaced(ex: _Expansion, token: LayerToken) -> bool:
+    """Report a token that cannot come where it stands: anything after soft-max, a feature layer after an FC."""
+    if ex.seen_softmax:
+        ex.sink.error(token.span, f"'{token.text}' after soft-max", "soft-max must be the last layer")
+        return True
+    if token.kind in ("conv", "lrn", "maxpool") and ex.seen_fc:
+        ex.sink.error(token.span, f"'{token.text}' after a fully connected layer",
+                      "convolutions, LRN and pooling come before the FC layers")
+        return True
+    return False
 
 
 def scaled(channels: int, width: float) -> int:
