@@ -18,6 +18,7 @@ ROOMS = [
               "display", "limits"]),
     ("graph", ["graph", "summary", "draw"]),
     ("contract", ["contract", "imaging"]),
+    ("datasets", ["datasets"]),
     ("weights", ["weights"]),
     ("backends", ["backends", "checkpoints"]),
     ("runtime", ["runtime"]),

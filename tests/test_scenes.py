@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from vggspec.datasets import scenes
 from vggspec.errors import DataError
-from vggspec.train import scenes
 
 pytest.importorskip("sklearn")
 

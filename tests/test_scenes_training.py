@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
+from vggspec.datasets.scenes import write_scenes  # noqa: E402
 from vggspec.train import TrainConfig, train  # noqa: E402
-from vggspec.train.scenes import write_scenes  # noqa: E402
 
 SMALL = """name: scenes_small
 input: 32x32x3

@@ -178,7 +178,7 @@ def test_batch_must_split(tmp_path: Path) -> None:
 
 
 def test_digits_folder(tmp_path: Path) -> None:
-    from vggspec.train.digits import write_digits
+    from vggspec.datasets.digits import write_digits
 
     counts = write_digits(tmp_path / "d", size=16)
     assert sum(counts.values()) == 1797 and 0.69 < counts["train"] / 1797 < 0.71

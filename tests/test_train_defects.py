@@ -307,7 +307,7 @@ def test_weights_and_init_from_together_are_a_usage_error(tmp_path: Path, folder
 
 def test_data_sizes_are_bounded(tmp_path: Path) -> None:
     from vggspec.cli import main
-    from vggspec.train.digits import write_digits
+    from vggspec.datasets.digits import write_digits
 
     for family in ("digits", "scenes"):
         result = CliRunner().invoke(main, ["data", family, str(tmp_path / family), "--size", "100000"])

@@ -48,7 +48,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_learns_digits(tmp_path: Path) -> None:
-    from vggspec.train.digits import write_digits
+    from vggspec.datasets.digits import write_digits
 
     write_digits(tmp_path / "digits", size=16)
     spec = tmp_path / "d16.vgg"

@@ -18,6 +18,9 @@ MAX_SCENES = 10_000_000  # images per split of `data scenes`
 MAX_LR = 10.0  # a learning rate above it only makes the loss overflow
 MAX_WEIGHT_DECAY = 1.0  # above 1, SGD's decay term flips the weights' sign every step
 MAX_CLUTTER = 4.0
+# The largest side `vggspec data digits|scenes` writes: 16 megapixels, well inside what vggspec.imaging
+# decodes; larger images of 8x8 scans only cost minutes and gigabytes.
+MAX_DATA_SIZE = 4096
 # --mean, --std and --scale of predict and eval: normalised pixels stay finite in float32 (1e308 overflowed).
 MAX_PREPROCESSING = 1e6
 MIN_STD = 1e-6

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from ..display import terminal
-from ..limits import MAX_CLUTTER, MAX_LR, MAX_SCENES, MAX_WEIGHT_DECAY, scenes_bytes
-from ..train.config import DEFAULTS, MAX_DATA_SIZE, RESUMABLE_OVERRIDES, TrainingNote
+from ..limits import MAX_CLUTTER, MAX_DATA_SIZE, MAX_LR, MAX_SCENES, MAX_WEIGHT_DECAY, scenes_bytes
+from ..train.config import DEFAULTS, RESUMABLE_OVERRIDES, TrainingNote
 from .common import Bounded, FiniteRange, bounded, examples, not_empty, set_option
 
 # Images per split of `data scenes`; the hint says what the largest count would take on disk (--size 96).
@@ -205,7 +205,7 @@ def data() -> None:
 @click.option("--force", is_flag=True, help="Replace the train/val/test folders if DIR already has them.")
 def digits(out: str, size: int, seed: int, force: bool) -> None:
     """Write scikit-learn's 1797 handwritten digits (8x8 scans, bundled) as DIR/{train,val,test}/<digit>/*.png."""
-    from ..train.digits import write_digits
+    from ..datasets.digits import write_digits
 
     counts = write_digits(out, size=size, seed=seed, force=force)
     listed = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -240,8 +240,8 @@ def scenes(out: str, size: int, n_train: int, n_val: int, n_test: int, min_digit
     DIR/scenes.json records every digit's box. The same seed writes the same bytes. Example:
     `vggspec data scenes data/scenes --preview scenes.png`.
     """
+    from ..datasets import scenes as gen
     from ..errors import DataError
-    from ..train import scenes as gen
 
     counts = {"train": n_train, "val": n_val, "test": n_test}
     try:

@@ -3,7 +3,8 @@
 `train(TrainConfig(...))` runs one process, or one rank under torchrun (DDP). Modules, one job each:
 config (the run's settings), data (image folder, statistics, resumable sampler), augment (rescale,
 crop, flip, PCA lighting), loop (the optimisation), distributed (torchrun/DDP glue), state (fault-proof
-run checkpoints), progress (the bar), plot (metrics.jsonl and metrics.png), digits (a real small data set).
+run checkpoints), progress (the bar), plot (metrics.jsonl and metrics.png). The examples' data sets
+are written by vggspec.datasets.
 """
 
 from .config import TrainConfig

@@ -8,10 +8,6 @@ from typing import Any
 
 from ..errors import VggspecError
 
-# The largest side `vggspec data digits|scenes` writes: 16 megapixels, well inside what vggspec.imaging
-# decodes; larger images of 8x8 scans only cost minutes and gigabytes. Here, free of numpy, for the CLI.
-MAX_DATA_SIZE = 4096
-
 # Options a resumed run may change: how it runs, not what it computes.
 RESUMABLE_OVERRIDES = ("epochs", "workers", "threads", "save_every", "compile", "progress", "data", "device")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..atomic import folder_lock, naming_output, sweep_stale, temp_prefix
 from ..errors import DataError
-from .config import MAX_DATA_SIZE
+from ..limits import MAX_DATA_SIZE
 
 SPLITS = ("train", "val", "test")
 def check_size(size: int, least: int) -> None:
