@@ -1,5 +1,5 @@
-"""`vggspec predict/eval/fuse` refusing what would destroy an input, hang, or run another network than asked,
-and saying what is wrong in words that are true (a reviewer's list of defects, one test or more each)."""
+"""`vggspec predict/eval/fuse` (vggspec/cli/runtime.py): refusing what would destroy an input, hang, or run
+another network than asked, and saying what is wrong in words that are true."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _img(path: Path, h: int, w: int, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("defects")
+    return tmp_path_factory.mktemp("cli_runtime")
 
 
 @pytest.fixture(scope="module")
