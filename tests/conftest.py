@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +52,48 @@ def _vggspec_cli(*args: str, cwd: Path | None = None, without_torch: bool = Fals
 @pytest.fixture
 def vggspec_cli():
     return _vggspec_cli
+
+
+# A one-channel spec and a 16x16x1 one, shared by the command-line tests of several commands.
+GRAY = ("name: gray\ninput: 16x16x1\nclasses: 3\nmean: 0.5\nstd: 0.25\n"
+        "conv3-4 maxpool conv3-4 maxpool FC-8 FC-3 soft-max\n")
+TINY_GRAY = "input: 16x16x1\nclasses: 3\nscale: 1/255\nconv3-4 maxpool conv3-4 maxpool FC-8 FC-3 soft-max\n"
+
+
+@pytest.fixture
+def gray(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-channel spec and a checkpoint of it."""
+    from vggspec.graph.load import load_spec
+    from vggspec.weights import Checkpoint, init_weights, save_checkpoint
+
+    spec = tmp_path / "gray.vgg"
+    spec.write_text(GRAY)
+    graph = load_spec(spec)
+    ckpt = tmp_path / "gray.safetensors"
+    save_checkpoint(ckpt, Checkpoint(init_weights(graph), GRAY, graph.meta.preprocessing))
+    return spec, ckpt
+
+
+@pytest.fixture
+def tiny_gray_spec(tmp_path: Path) -> Path:
+    """TMP/t.vgg: a 16x16x1 spec of 3 classes, pixels scaled to 0..1."""
+    spec = tmp_path / "t.vgg"
+    spec.write_text(TINY_GRAY)
+    return spec
+
+
+def _gray_images(folder: Path, n: int = 2, seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (18, 20), np.uint8)).save(p)
+    return paths
+
+
+@pytest.fixture
+def gray_images():
+    """gray_images(folder, n=2, seed=0): n random 18x20 grayscale PNGs written into folder."""
+    return _gray_images

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import vggspec
 from vggspec.backends.torch import render_source
-from vggspec.weights import init_weights, load_checkpoint
+from vggspec.cli import main
+from vggspec.graph import Preprocessing
+from vggspec.weights import Checkpoint, init_weights, load_checkpoint, save_checkpoint
 
 TINY_A = (Path(__file__).parent / "data" / "tiny_a.vgg").read_text()
 TINY_B = TINY_A.replace("tiny_a", "tiny_b").replace("conv3-8 ", "conv3-8 conv3-8 ").replace(
@@ -100,3 +107,78 @@ def test_weights_export_import_round_trip(specs, vggspec_cli):
     _one_line_error(vggspec_cli("weights", "export", "--to", "torchvision", "junk.safetensors", "-o", "x.pth",
                                 cwd=specs))
     assert not (specs / "x.safetensors").exists() and not (specs / "x.pth").exists()
+
+
+# --- Outputs that would destroy an input, checkpoints of gray specs, the same bytes twice (the `gray` spec and
+# checkpoint are conftest's).
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path, gray) -> None:
+    spec, ckpt = gray
+    before = {p: _digest(p) for p in (spec, ckpt)}
+    for args, option, victim in [
+        (["export", "--weights", ckpt, "-o", ckpt], "--weights", ckpt),
+        (["export", spec, "-o", spec], "SPEC", spec),
+        (["build", spec, "-o", spec], "SPEC", spec),
+        (["build", spec, "--target", "onnx", "-o", tmp_path / "." / spec.name], "SPEC", spec),
+        (["graph", spec, "-o", spec], "SPEC", spec),
+        (["init", spec, "--init-from", ckpt, "-o", ckpt], "--init-from", ckpt),
+        (["weights", "export", "--to", "torchvision", ckpt, "-o", ckpt], "CKPT", ckpt),
+        (["weights", "import", "--from", "caffe", ckpt, "--spec", spec, "-o", ckpt], "FILE", ckpt),
+    ]:
+        result = cli(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"is also this command's input ({option})" in result.output and "Traceback" not in result.output
+        assert _digest(victim) == before[victim], args
+    os.link(ckpt, tmp_path / "hard.safetensors")  # another name of the same file
+    result = cli("export", "--weights", ckpt, "-o", tmp_path / "hard.safetensors")
+    assert result.exit_code == 1 and "is also this command's input" in result.output
+
+
+def test_torchvision_weights_for_a_gray_spec_take_the_spec_preprocessing(tmp_path: Path, gray) -> None:
+    spec, ckpt = gray
+    pth = tmp_path / "tv.pth"
+    assert cli("weights", "export", "--to", "torchvision", ckpt, "-o", pth).exit_code == 0
+    back = tmp_path / "back.safetensors"
+    result = cli("weights", "import", "--from", "torchvision", pth, "--spec", spec, "-o", back)
+    assert result.exit_code == 0 and "note: torchvision's preprocessing is for RGB images" in result.output
+    assert load_checkpoint(back).preprocessing == Preprocessing(mean=(0.5,), std=(0.25,))
+    rgb_stats = tmp_path / "rgb_stats.safetensors"  # what the import wrote before: ImageNet's three means
+    save_checkpoint(rgb_stats, Checkpoint(load_checkpoint(ckpt).tensors, spec.read_text(), Preprocessing()))
+    result = cli("export", "--weights", rgb_stats, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "needs 1 mean and std values, one per input channel" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_checkpoints_and_pictures_are_the_same_bytes_every_time(tmp_path: Path) -> None:
+    code = ("import sys; from vggspec.cli import main; main(sys.argv[1:], prog_name='vggspec')")
+    digests = set()
+    for i in range(3):  # separate processes: safetensors' metadata order changed from process to process
+        out = tmp_path / f"c{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, "init", "A", "--set", "width=1/16", "-o", str(out)],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        digests.add(_digest(out))
+    assert len(digests) == 1
+    for fmt, stamp in (("svg", b"<dc:date>"), ("pdf", b"/CreationDate")):
+        paths = [tmp_path / f"g{i}.{fmt}" for i in range(2)]
+        for p in paths:
+            assert cli("graph", "A", "--set", "width=1/16", "-o", p).exit_code == 0
+        assert stamp not in paths[0].read_bytes() and _digest(paths[0]) == _digest(paths[1])
+
+
+def test_init_from_a_net_with_other_fc_layers_names_the_file(tmp_path: Path, tiny_gray_spec: Path) -> None:
+    spec = tiny_gray_spec
+    deeper = tmp_path / "a.safetensors"
+    assert cli("init", "A", "--set", "width=1/16", "-o", deeper).exit_code == 0
+    result = cli("init", spec, "--init-from", deeper, "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 1 and f"{deeper}: error: " in result.output and "hint:" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,56 @@ def test_export_command_without_torch(vggspec_cli, tmp_path, spec):
     result = vggspec_cli("export", str(spec), "--fully-conv", "--precision", "fp16", "-o", str(out), without_torch=True)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "wrote" in result.stdout
+
+
+# --- A gray checkpoint (conftest's `gray`): its preprocessing, int8 at a static shape, the edge example.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_set_preprocessing_against_a_checkpoint_is_refused_unless_it_agrees(tmp_path: Path, gray) -> None:
+    spec, ckpt = gray
+    out = tmp_path / "m.onnx"
+    result = cli("export", "--weights", ckpt, "--set", "mean=0.7", "-o", out)
+    assert result.exit_code == 1 and "--set mean: the model takes the checkpoint's own preprocessing" in result.output
+    assert not out.exists()
+    assert cli("export", "--weights", ckpt, "--set", "mean=0.5", "-o", out).exit_code == 0  # no change: fine
+
+
+@pytest.mark.parametrize("static", ["1x24x24", "3x16x16"])
+def test_int8_with_a_static_shape_calibrates_at_that_shape(tmp_path: Path, gray, static: str) -> None:
+    import onnxruntime as ort
+    from PIL import Image
+
+    _, ckpt = gray
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 26), np.uint8)).save(calib / f"{i}.png")
+    out = tmp_path / "q.onnx"
+    result = cli("export", "--weights", ckpt, "--fully-conv", "--precision", "int8", "--calibration", calib,
+                 "--static-shape", static, "-o", out)
+    assert result.exit_code == 0, result.output
+    n, h, w = map(int, static.split("x"))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [n, 1, h, w]
+    probs = session.run(["probs"], {"input": np.zeros((n, 1, h, w), np.float32)})[0]
+    assert probs.shape == (n, 3) and np.allclose(probs.sum(1), 1, atol=1e-2)
+
+
+def test_the_edge_example_runs_a_gray_model_and_says_how_to_call_it(tmp_path: Path, gray) -> None:
+    from PIL import Image
+
+    _, ckpt = gray
+    model = tmp_path / "gray.onnx"
+    assert cli("export", "--weights", ckpt, "--fully-conv", "-o", model).exit_code == 0
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)).save(image)
+    run = [sys.executable, str(ROOT / "examples" / "edge_deploy.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([*run, str(model), str(image), "24"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    halves = out.stdout.split("onnxruntime only")
+    assert halves[0].split("CPUExecutionProvider")[1].strip() == halves[1].strip()
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("usage:") and "Traceback" not in out.stderr

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -124,3 +126,70 @@ def test_wheel_ships_specs_and_templates(tmp_path):
     assert "vggspec/specs/D.vgg" in names and "vggspec/specs/A-LRN.vgg" in names
     assert any(n.startswith("vggspec/templates/") for n in names)
     assert "vggspec/serve/static/index.html" in names  # the serve page, read with importlib.resources
+
+
+# --- Odd specs, numbers and files met by the command line: named errors, never a crash.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_two_lrn_layers_in_one_stage_are_a_located_error(tmp_path: Path) -> None:
+    spec = tmp_path / "lrn2.vgg"
+    spec.write_text("input: 32x32x3\nconv3-8 LRN conv3-8 LRN maxpool conv3-8 LRN FC-10 soft-max\n")
+    result = cli("summary", spec)
+    assert result.exit_code == 1 and "internal error" not in result.output
+    assert f"{spec}:2:21: error: a second LRN in stage 1" in result.output and "norm1" in result.output
+
+
+def test_a_pipe_where_a_spec_or_checkpoint_goes_is_named_not_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code = ("import sys; from vggspec.cli import main; main(sys.argv[1:], prog_name='vggspec')")
+    for args in (["summary", fifo], ["export", "--weights", fifo, "-o", tmp_path / "x.onnx"],
+                 ["weights", "import", "--from", "caffe", fifo, "--spec", "A", "-o", tmp_path / "x.safetensors"]):
+        out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 1 and f"{fifo}: error: not a regular file" in out.stderr, (args, out.stderr)
+
+
+def test_a_folder_named_like_a_shipped_spec_does_not_hide_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "A").mkdir()
+    result = cli("summary", "A", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["name"] == "vgg_a"
+    result = cli("summary", tmp_path / "A")  # a path, not a bare name: the folder was meant
+    assert result.exit_code == 1 and "is a folder, not a spec file" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["summary", "A", "--set", "classes"], "--set classes has no value"),
+    (["summary", "A", "--set", "classes=99999999999999999999"], "is more than the 1,048,576 outputs"),
+    (["summary", "A", "--set", "classes=1048577"], "is more than the 1,048,576 outputs"),
+    (["summary", "A", "--set", "input=32x32x4"], "input has 4 channels; vggspec reads images as 1"),
+    (["summary", "A", "--input", "100000x100000"], "is larger than 16384 on a side"),
+    (["export", "A", "--static-shape", "1x99999x99999", "-o", "x.onnx"], "is larger than 16384 on a side"),
+    (["export", "A", "--static-shape", "1x\u00b2x3", "-o", "x.onnx"], "is not NxHxW in positive integers"),
+])
+def test_odd_numbers_are_named_errors(args: list[str], message: str) -> None:
+    result = cli(*args)
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert "internal error" not in result.output and "did you mean 'classes'" not in result.output
+
+
+def test_full_width_digits_are_not_numbers(tmp_path: Path) -> None:
+    spec = tmp_path / "u.vgg"
+    spec.write_text("input: 32x32x3\nconv3-\uff18 FC-10 soft-max\n")
+    result = cli("summary", spec)
+    assert result.exit_code == 1 and "channel count '\uff18' is not a number" in result.output
+
+
+def test_a_labels_file_given_by_set_is_blamed_on_the_set(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    result = cli("summary", "A", "--set", "labels=two.txt")
+    assert result.exit_code == 1 and "<--set>:1:8: error: labels file" in result.output
+    assert "has 2 labels for 1000 classes" in result.output and "A.vgg" not in result.output

@@ -3,6 +3,7 @@ another network than asked, and saying what is wrong in words that are true."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -251,3 +252,37 @@ def test_combined_without_a_dense_form_gets_the_cli_hint(models, image):
 def test_an_empty_scales_option_is_a_usage_error_not_the_default(models, image):
     r = _cli("predict", models["dense"], image, "--scales", "")
     assert r.exit_code == 2 and "'' is not a test scale" in r.output
+
+
+# --- Ensembles of differently ordered classes, file names that are not UTF-8 (conftest's `tiny_gray_spec`).
+
+def test_members_that_order_their_classes_differently_are_not_averaged(tmp_path: Path, monkeypatch, tiny_gray_spec,
+                                                                      gray_images) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ab.txt").write_text("a\nb\nc\n")
+    (tmp_path / "ba.txt").write_text("c\nb\na\n")
+    for name, labels in (("x", "ab.txt"), ("y", "ba.txt"), ("z", "ab.txt")):
+        assert _cli("export", "t.vgg", "--set", f"labels={labels}", "--fully-conv", "-o", f"{name}.onnx").exit_code == 0
+    for label in "abc":
+        gray_images(tmp_path / "val" / label)
+    result = _cli("fuse", "x.onnx", "y.onnx", "-o", "xy.onnx")
+    assert result.exit_code == 1 and "y.onnx: error: names class 0 'c', and x.onnx names it 'a'" in result.output
+    assert not (tmp_path / "xy.onnx").exists()
+    result = _cli("eval", "x.onnx", "--ensemble", "y.onnx", "--data", "val")
+    assert result.exit_code == 1 and "names class 0 'c'" in result.output
+    assert _cli("fuse", "x.onnx", "z.onnx", "-o", "xz.onnx").exit_code == 0  # the same order: fine
+
+
+def test_file_names_that_are_not_utf8_are_reported_not_fatal(tmp_path: Path, tiny_gray_spec, gray_images) -> None:
+    spec = tiny_gray_spec
+    model = tmp_path / "m.onnx"
+    assert _cli("export", spec, "--fully-conv", "-o", model).exit_code == 0
+    for label in "abc":
+        gray_images(tmp_path / "val" / label)
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path / "val" / "a")) + b"/x\xff.png"))
+    odd.write_bytes((tmp_path / "val" / "a" / "0.png").read_bytes())
+    result = _cli("eval", model, "--data", tmp_path / "val", "--predictions", tmp_path / "p.csv")
+    assert result.exit_code == 0 and "internal error" not in result.output, result.output
+    assert "x\\xff.png,a," in (tmp_path / "p.csv").read_text(encoding="utf-8")
+    result = _cli("predict", model, odd, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["image"].endswith("x\\xff.png")

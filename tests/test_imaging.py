@@ -382,3 +382,13 @@ def test_calibration_names_a_dangling_link(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         assert calibration_images(folder) == [folder / "a.png"]
     assert any("gone.png" in str(w.message) and "not used for calibration" in str(w.message) for w in caught)
+
+
+# --- Folders met by the scan.
+
+def test_a_linked_folder_inside_a_class_folder_is_scanned(tmp_path: Path, gray_images) -> None:
+    gray_images(tmp_path / "train" / "a", 2)
+    gray_images(tmp_path / "elsewhere", 3, seed=1)
+    (tmp_path / "train" / "a" / "more").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "train")  # a link back up is walked once
+    assert len(scan_image_folder(tmp_path / "train").files) == 5
