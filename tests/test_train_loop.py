@@ -312,13 +312,39 @@ def test_a_run_stuck_at_chance_says_so_once(tmp_path: Path, folder: Path, monkey
     # lr 0 keeps them there: the loss is ln 3 at every step.
     said = _warnings_of(lambda: train(config(spec, folder, tmp_path / "stuck", lr=0.0, epochs=2, sets=("init=paper",))))
     stuck = [w for w in said if "stayed at chance" in w]
-    assert stuck == ["the training loss has stayed at chance, ln 3 = 1.099, for 3 steps: the net is not learning; "
-                     "likely fixes: --set init=xavier (Glorot's scheme keeps the signal's size), or a lower --lr, "
+    assert stuck == ["the training loss has stayed at chance, ln 3 = 1.099, for 3 steps: the net has not started to "
+                     "learn (some leave chance late, and a note will say so); if it stays there, likely fixes: "
+                     "--set init=xavier (Glorot's scheme keeps the signal's size), or a lower --lr, "
                      "or --set norm=batch"]
     assert [w for w in said if w.startswith("init: paper starts this net (no batch norm)")]  # said before epoch 1
     # A healthy run (Glorot's init) leaves chance at once: nothing said.
     said = _warnings_of(lambda: train(config(spec, folder, tmp_path / "ok", epochs=2, sets=("init=xavier",))))
     assert not [w for w in said if "chance" in w or w.startswith("init:")]
+
+
+def test_a_net_that_leaves_chance_late_is_noted_after_the_warning(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from vggspec.graph.load import load_spec
+    from vggspec.train import loop
+
+    # The loss sequence of a late starter (the demo's narrow D sits at chance for ~400 steps): at ln 10 for
+    # STUCK_STEPS steps, then clearly below it.
+    trainer = object.__new__(loop.Trainer)
+    trainer.graph = load_spec(tiny_spec(tmp_path / "tiny.vgg"), ("classes=10",))
+    trainer.world = SimpleNamespace(main=True)
+    trainer.progress = SimpleNamespace(global_step=0)
+    trainer.at_chance, trainer.said_stuck, trainer.below_chance, trainer.said_left = 0, False, 0, False
+    losses = [2.30] * loop.STUCK_STEPS + [2.25] * 5 + [2.0] * (loop.LEFT_STEPS + 30)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i, loss in enumerate(losses):
+            trainer.progress.global_step = i + 1
+            trainer._watch_chance(loss)
+    said = [(w.category is TrainingNote, str(w.message)) for w in seen]
+    assert [n for n, _ in said] == [False, True]  # the warning once, then the note once
+    assert said[1][1] == (f"the training loss has left chance (below 2.203 for {loop.LEFT_STEPS} steps, at step "
+                          f"{loop.STUCK_STEPS + 5 + loop.LEFT_STEPS}): the net is learning after all")
 
 
 def test_signal_gain_separates_the_inits_that_train_from_those_that_stay_at_chance() -> None:

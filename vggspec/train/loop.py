@@ -59,10 +59,13 @@ from .state import (
 PRELOAD_BYTES = 1 << 30
 
 # A run whose step loss stays within STUCK_TOLERANCE x ln(classes) (at most 0.1 nats) of chance, ln(classes),
-# for STUCK_STEPS steps in a row is not learning. Measured on small nets: a healthy run leaves that band within
-# ~50 steps, a stuck one never (its last biases follow each batch's classes: ~2.5% of noise, inside the band).
+# for STUCK_STEPS steps in a row has not started to learn. Measured on small nets: a healthy run leaves that
+# band within ~50 steps, a stuck one never (its last biases follow each batch's classes: ~2.5% of noise, inside
+# the band); but the demo's narrow D on scenes (batch norm, lr 1e-2) sits there for over 400 steps and then
+# learns, so the warning is a "not yet", and LEFT_STEPS steps in a row below the band say it took off.
 STUCK_STEPS = 100
 STUCK_TOLERANCE = 0.05
+LEFT_STEPS = 20
 # A fresh net without batch norm whose init scales the input's size by less than this on the way to the scores
 # (weights.init.signal_gain) starts at chance and stays there. The paper's A on its unnormalised pixels (~60x a
 # spec's input) sits above it, as do the nets measured to leave chance; D, and narrow nets, fall far below.
@@ -203,6 +206,7 @@ class Trainer:
             self.rundir.mkdir(parents=True, exist_ok=True)
         self.progress, self.saved_step = Progress(), 0
         self.at_chance, self.said_stuck = 0, False  # steps in a row with the loss at ln(classes)
+        self.below_chance, self.said_left = 0, False  # steps in a row under that band, once said stuck
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
         self.net = self._wrap()  # DDP across processes, torch.compile
@@ -551,13 +555,22 @@ class Trainer:
         return ", or ".join(fixes)
 
     def _watch_chance(self, loss: float) -> None:
-        """Warn once when the loss has stayed at chance for STUCK_STEPS steps in a row: nothing is learnt."""
+        """Warn once when the loss has stayed at chance for STUCK_STEPS steps in a row (nothing learnt yet), and
+        note once when, after that, it stays below chance for LEFT_STEPS steps (the net took off late)."""
         chance = math.log(self.graph.meta.classes)
-        self.at_chance = self.at_chance + 1 if abs(loss - chance) <= min(STUCK_TOLERANCE * chance, 0.1) else 0
+        band = min(STUCK_TOLERANCE * chance, 0.1)
+        self.at_chance = self.at_chance + 1 if abs(loss - chance) <= band else 0
         if self.at_chance >= STUCK_STEPS and not self.said_stuck and self.world.main:
             self.said_stuck = True
             warnings.warn(f"the training loss has stayed at chance, ln {self.graph.meta.classes} = {chance:.3f}, for "
-                          f"{self.at_chance} steps: the net is not learning; likely fixes: {self._fixes()}",
+                          f"{self.at_chance} steps: the net has not started to learn (some leave chance late, and a "
+                          f"note will say so); if it stays there, likely fixes: {self._fixes()}", stacklevel=2)
+        self.below_chance = self.below_chance + 1 if loss < chance - band else 0
+        if self.said_stuck and not self.said_left and self.below_chance >= LEFT_STEPS and self.world.main:
+            self.said_left = True
+            step = self.progress.global_step
+            warnings.warn(TrainingNote(f"the training loss has left chance (below {chance - band:.3f} for "
+                                       f"{LEFT_STEPS} steps, at step {step}): the net is learning after all"),
                           stacklevel=2)
 
     @torch.no_grad()
