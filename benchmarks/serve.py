@@ -23,10 +23,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .common import ROOT, Config
+from .common import ROOT, Config, median, paired_ratio, ratio_range
 from .report import Section
 
 TITLE = "11. Serving: `vggspec serve` under load (127.0.0.1)"
@@ -146,11 +147,9 @@ async def _load(port: int, request: bytes, concurrency: int, seconds: float, war
                 lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(errors))
 
 
-def in_process(model_path: Path, x: np.ndarray, batch: int, threads: int, seconds: float) -> float:
-    """Images per second of Model.run on batches of `batch` in this process, for `seconds`."""
-    from vggspec.runtime import load
-
-    model = load(model_path, device="cpu", threads=threads)
+def in_process(model: Any, x: np.ndarray, batch: int, seconds: float) -> float:
+    """Images per second of Model.run on batches of `batch` in this process, for `seconds` after one untimed run
+    (which also hands the cores to onnxruntime's own threads, as interleave's priming does)."""
     xb = np.repeat(x, batch, axis=0)
     model.run(xb)
     n, start = 0, time.perf_counter()
@@ -164,35 +163,60 @@ def in_process(model_path: Path, x: np.ndarray, batch: int, threads: int, second
 
 
 def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: int, seconds: float,
-                   warmup: float, soak_s: float) -> None:
+                   warmup: float, soak_s: float, rounds: int) -> None:
     x = np.random.default_rng(0).normal(size=(1, 3, hw, hw)).astype(np.float32)
     request = infer_request(x)
-    inproc = {b: in_process(path, x, b, cfg.threads, seconds) for b in (1, 8)}
-    results: dict[str, dict[int, Load]] = {}
-    for mode, batch, delay in (("batched", 8, 5.0), ("unbatched", 1, 0.0)):
-        server = Served(path, cfg.threads, batch, delay)
-        try:
+    servers = {"batched": Served(path, cfg.threads, 8, 5.0), "unbatched": Served(path, cfg.threads, 1, 0.0)}
+    try:
+        for server in servers.values():
             asyncio.run(_load(server.port, request, 2, 0.5, 0.0))  # sessions warm
-            results[mode] = {c: asyncio.run(_load(server.port, request, c, seconds, warmup)) for c in CONCURRENCY}
-            if mode == "batched" and soak_s:
-                _soak(section, label, server, request, soak_s)
-        finally:
+        results = {mode: {c: asyncio.run(_load(server.port, request, c, seconds, warmup)) for c in CONCURRENCY}
+                   for mode, server in servers.items()}
+        rates = _side_by_side(servers, path, x, request, cfg.threads, seconds, warmup, rounds)
+        if soak_s:
+            _soak(section, label, servers["batched"], request, soak_s)
+    finally:
+        for mode, server in servers.items():
             code = server.stop()
-        if code != 0:
-            section.notes.append(f"{label}: the {mode} server exited {code} on SIGTERM")
+            if code != 0:
+                section.notes.append(f"{label}: the {mode} server exited {code} on SIGTERM")
     for c in CONCURRENCY:
         on, off = results["batched"][c], results["unbatched"][c]
         section.add(f"{label}: concurrency {c}, batched (8, 5 ms)", on.images_per_s, "img/s",
                     detail=f"p50 {on.p50_ms:.0f} ms, p99 {on.p99_ms:.0f} ms, errors {on.errors}")
         section.add(f"{label}: concurrency {c}, unbatched", off.images_per_s, "img/s",
                     detail=f"p50 {off.p50_ms:.0f} ms, p99 {off.p99_ms:.0f} ms, errors {off.errors}")
-    on16, off16 = results["batched"][16].images_per_s, results["unbatched"][16].images_per_s
-    section.add(f"{label}: batched / unbatched at concurrency 16", on16 / off16, "x", target=">= 1.5x",
-                met=on16 / off16 >= 1.5, detail=f"{on16:.1f} vs {off16:.1f} img/s")
-    section.add(f"{label}: served (batch 8, c=16) / in-process Model.run batch 8", on16 / inproc[8], "x",
-                target=">= 0.85x", met=on16 / inproc[8] >= 0.85, detail=f"{on16:.1f} vs {inproc[8]:.1f} img/s")
-    section.add(f"{label}: served (unbatched, c=16) / in-process Model.run batch 1", off16 / inproc[1], "x",
-                target=">= 0.85x", met=off16 / inproc[1] >= 0.85, detail=f"{off16:.1f} vs {inproc[1]:.1f} img/s")
+    for what, num, den, target in (
+            ("batched / unbatched at concurrency 16", "batched", "unbatched", 1.5),
+            ("served (batch 8, c=16) / in-process Model.run batch 8", "batched", "batch 8", 0.85),
+            ("served (unbatched, c=16) / in-process Model.run batch 1", "unbatched", "batch 1", 0.85),
+            ("in-process Model.run batch 8 / batch 1", "batch 8", "batch 1", None)):
+        ratio = paired_ratio(rates[num], rates[den])
+        section.add(f"{label}: {what}", ratio, "x", target=f">= {target}x" if target else "",
+                    met=ratio >= target if target else None,
+                    detail=f"{median(rates[num]):.1f} vs {median(rates[den]):.1f} img/s (medians of {rounds} rounds; "
+                           f"per-round ratios {ratio_range(rates[num], rates[den])})")
+
+
+def _side_by_side(servers: dict[str, Served], path: Path, x: np.ndarray, request: bytes, threads: int,
+                  seconds: float, warmup: float, rounds: int) -> dict[str, list[float]]:
+    """Images/s of both servers at concurrency 16 and of Model.run in process at batch 8 and 1, in rounds
+    whose order rotates (benchmarks.common.interleave's rule): each ratio pairs runs made under the same load."""
+    from vggspec.runtime import load
+
+    model = load(path, device="cpu", threads=threads)
+    fns = {
+        "batched": lambda: asyncio.run(_load(servers["batched"].port, request, 16, seconds, warmup)).images_per_s,
+        "unbatched": lambda: asyncio.run(_load(servers["unbatched"].port, request, 16, seconds, warmup)).images_per_s,
+        "batch 8": lambda: in_process(model, x, 8, seconds),
+        "batch 1": lambda: in_process(model, x, 1, seconds),
+    }
+    names = list(fns)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rates[name].append(fns[name]())
+    return rates
 
 
 def _soak(section: Section, label: str, server: Served, request: bytes, seconds: float) -> None:
@@ -224,10 +248,10 @@ def run(cfg: Config) -> Section:
     quick = cfg.quick
     narrow = _model(cfg, "serve_narrow_d.onnx", *NARROW)
     _measure_model(section, cfg, "narrow D 64", narrow, 64, 3.0 if quick else 6.0, 0.5 if quick else 1.5,
-                   10.0 if quick else 120.0)
+                   10.0 if quick else 120.0, 2 if quick else 5)
     if not quick:
         full = _model(cfg, "serve_d.onnx", "D", ())
-        _measure_model(section, cfg, "D 224", full, 224, 12.0, 3.0, 0.0)
+        _measure_model(section, cfg, "D 224", full, 224, 15.0, 3.0, 0.0, 3)
     after = os.getloadavg()
     section.notes.append(f"os.getloadavg() at the start {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, at the end "
                          f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}: other engineers' jobs share these 2 cores, "
