@@ -415,3 +415,242 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(files):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+# ---------------------------------------------------------------- issue 20's promises: slow clients, timeouts
+
+
+def _raw(port: int, head: str, body: bytes = b"") -> socket.socket:
+    """A raw connection that has sent `head` (request line and headers) and the first bytes of a body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """What the server sends before it closes the connection or stops sending for the socket's timeout."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and data.rstrip().endswith(b"}"):
+                break
+    except TimeoutError:
+        pass
+    return data
+
+
+def _queue_depth(s: Server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(s.request("GET", "/metrics")[2].decode())}
+    return families["vggspec_queue_depth"].samples[0].value
+
+
+def _json_body(x: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}]}).encode()
+
+
+@pytest.mark.parametrize("route", ["/v2/models/t/classify", "/v2/models/t/infer"])
+def test_a_stalled_upload_blocks_nobody_and_gets_408(files, route):
+    s = Server([f"t={files['dense']}"], Settings(timeout_s=1.0, max_queue=2))
+    try:
+        image = files["image"].read_bytes()
+        start = time.monotonic()
+        stalled = [_raw(s.port, f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                f"Content-Length: {len(image)}\r\n", image[:10]) for _ in range(3)]
+        status, _, out = s.request("POST", "/v2/models/t/classify", image, {"Content-Type": "image/png"})
+        assert status == 200 and time.monotonic() - start < 0.9, out  # answered while the three stall
+        for sock in stalled:
+            sock.settimeout(5)
+            reply = _reply(sock)
+            sock.close()
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert "did not arrive within 1 s" in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert time.monotonic() - start < 4
+        assert _queue_depth(s) == 0
+        with ThreadPoolExecutor(2) as pool:  # --max-queue requests at once: no slot was leaked
+            results = list(pool.map(lambda _: s.request("POST", "/v2/models/t/infer", _json_body(_input(1))),
+                                    range(2)))
+        assert [r[0] for r in results] == [200, 200]
+    finally:
+        s.stop()
+
+
+def test_a_trickling_upload_is_cut_off_at_the_timeout(files):
+    s = Server([f"t={files['dense']}"], Settings(timeout_s=1.0))
+    try:
+        image = files["image"].read_bytes()
+        sock = _raw(s.port, f"POST /v2/models/t/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                            f"Content-Length: {len(image)}\r\n")
+        start = time.monotonic()
+        sock.settimeout(0.2)
+        reply = b""
+        for i in range(40):  # a byte every 0.1 s: never idle long, never done
+            try:
+                sock.sendall(image[i:i + 1])
+            except OSError:  # the server closed the connection
+                break
+            try:
+                reply += sock.recv(65536)
+                break
+            except TimeoutError:
+                pass
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 3, reply[:200]
+        assert _queue_depth(s) == 0
+    finally:
+        s.stop()
+
+
+def test_a_client_gone_mid_body_leaks_no_slot(files):
+    s = Server([f"t={files['dense']}"], Settings(timeout_s=2.0, max_queue=1))
+    try:
+        image = files["image"].read_bytes()
+        for route in ("/v2/models/t/classify", "/v2/models/t/infer"):
+            for _ in range(3):
+                sock = _raw(s.port, f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                    f"Content-Length: {len(image)}\r\n", image[: len(image) // 2])
+                sock.close()
+        time.sleep(0.2)
+        assert _queue_depth(s) == 0
+        status, _, out = s.request("POST", "/v2/models/t/classify", image, {"Content-Type": "image/png"})
+        assert status == 200, out  # the only slot is free
+        assert s.request("POST", "/v2/models/t/infer", _json_body(_input(1)))[0] == 200
+    finally:
+        s.stop()
+
+
+def test_an_inference_slower_than_the_timeout_gets_504_and_frees_its_slot(files, monkeypatch):
+    s = Server([f"t={files['dense']}"], Settings(timeout_s=0.5, max_queue=2))
+    try:
+        model = s.registry.get("t").primary.model
+        run = model.run
+
+        def slow(*args, **kwargs):
+            time.sleep(1.0)
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(model, "run", slow)
+        start = time.monotonic()
+        status, _, out = s.request("POST", "/v2/models/t/infer", _json_body(_input(1)))
+        assert status == 504 and json.loads(out) == {"error": "no answer within 0.5 s"}
+        assert time.monotonic() - start < 0.9
+        status, _, out = s.request("POST", "/v2/models/t/classify", files["image"].read_bytes(),
+                                   {"Content-Type": "image/png"})
+        assert status == 504 and json.loads(out) == {"error": "no answer within 0.5 s"}
+        monkeypatch.setattr(model, "run", run)
+        deadline = time.monotonic() + 5  # the slots are held until the slow runs are really done
+        while _queue_depth(s) != 0:
+            assert time.monotonic() < deadline, "a timed-out request kept its queue slot"
+            time.sleep(0.05)
+        assert s.request("POST", "/v2/models/t/infer", _json_body(_input(1)))[0] == 200
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- CORS
+
+
+def _preflight(s: Server, origin: str) -> tuple[int, dict[str, str]]:
+    status, headers, _ = s.request("OPTIONS", "/v2/models/t/infer", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    return status, {k.lower(): v for k, v in headers.items()}
+
+
+def _allowed(headers: dict[str, str]) -> str | None:
+    return {k.lower(): v for k, v in headers.items()}.get("access-control-allow-origin")
+
+
+def test_cors_is_off_by_default(server):
+    assert _allowed(server.request("GET", "/v2/models/t", headers={"Origin": "http://page.example"})[1]) is None
+    status, headers = _preflight(server, "http://page.example")
+    assert status >= 400 and "access-control-allow-origin" not in headers
+    assert "access-control-allow-methods" not in headers
+
+
+def test_cors_origin_allows_that_origin_only(files):
+    good, evil = "http://page.example", "http://evil.example"
+    s = Server([f"t={files['dense']}"], Settings(cors_origins=(good,), api_key="k"))
+    try:
+        key = {"Authorization": "Bearer k"}
+        assert _allowed(s.request("GET", "/v2/models/t", headers={"Origin": good, **key})[1]) == good
+        assert _allowed(s.request("GET", "/v2/models/t", headers={"Origin": evil, **key})[1]) is None
+        status, headers = _preflight(s, good)  # a preflight carries no key: it is answered without one
+        assert status == 200 and headers["access-control-allow-origin"] == good
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        status, headers = _preflight(s, evil)
+        assert status >= 400 and "access-control-allow-origin" not in headers
+        status, headers, out = s.request("GET", "/v2/models/t", headers={"Origin": good})
+        assert status == 401 and _allowed(headers) == good  # the page can read why it was refused
+        assert "API key" in json.loads(out)["error"]
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- errors say what, never how
+
+
+def _infer_body(**fields) -> bytes:
+    spec = {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}
+    return json.dumps({"inputs": [{**spec, **fields}]}).encode()
+
+
+BAD_INFERS = [  # (body, words in the error): each a client's mistake, each once a 500 or a repr
+    (b"{", "not valid JSON"),
+    (b"[" * 50_000, "nested too deeply"),
+    (b'{"inputs": {"name": "input"}}', "'inputs' list"),
+    (_infer_body(datatype="INT64"), "is FP32, not INT64"),
+    (_infer_body(datatype=["FP32"]), 'not ["FP32"]'),
+    (_infer_body(shape=[1, 3, 32, 32, 1]), "not a 4-d batch"),
+    (_infer_body(shape=[True, 3, 32, 32]), "shape [true, 3, 32, 32]"),
+    (_infer_body(shape=[1, 1, 32, 32]), "has 1 channels"),
+    (_infer_body(shape=[1, 3, 10 ** 300, 32]), "megapixel limit"),
+    (_infer_body(data=[10 ** 400] + [0] * 3071), "must be numbers"),
+    (_infer_body(data="abc"), "must be numbers"),
+    (_infer_body(data=[1.0] * 5), "holds 5 values"),
+    (_infer_body(parameters="binary"), "'parameters' must be a JSON object"),
+    (json.dumps({"inputs": json.loads(_infer_body())["inputs"],
+                 "outputs": [{"name": "probs", "parameters": [1]}]}).encode(), "'parameters' must be a JSON object"),
+    (json.dumps({"inputs": json.loads(_infer_body())["inputs"], "outputs": [{"name": "logits"}]}).encode(),
+     "unknown output 'logits'"),
+]
+BAD_QUERIES = [("topk=0", "topk must be from 1 to 1000"), ("topk=99999999999999999999", "topk must be"),
+               ("scales=a,b", "each scale must be a whole number"), ("scales=", "scales must be"),
+               ("flip=maybe", "flip must be true or false"), ("heatmap=2", "heatmap must be true or false"),
+               ("protocol=%00", "protocol must be one of"), ("size=3", "unknown query parameter 'size'")]
+
+
+def _plain_error(status: int, headers: dict[str, str], out: bytes, where: str) -> str:
+    """The one line of a JSON error body, after checking it tells nothing of the server's insides."""
+    assert 400 <= status < 500, (where, status, out)
+    assert {k.lower(): v for k, v in headers.items()}["content-type"] == "application/json", where
+    body = json.loads(out)
+    assert list(body) == ["error"] and isinstance(body["error"], str), (where, body)
+    for leak in ("Traceback", "/tmp", "/work", "site-packages", ".py", "Error:", "Error(", "<", "None", "True"):
+        assert leak not in body["error"], (where, body["error"])
+    return body["error"]
+
+
+def test_bad_requests_get_one_plain_json_line(server, files, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="vggspec.serve")
+    for body, words in BAD_INFERS:
+        status, headers, out = server.request("POST", "/v2/models/t/infer", body)
+        assert words in _plain_error(status, headers, out, body[:60].decode()), (body[:60], out)
+    image = files["image"].read_bytes()
+    for query, words in BAD_QUERIES:
+        status, headers, out = server.request("POST", f"/v2/models/t/classify?{query}", image,
+                                              {"Content-Type": "image/png"})
+        assert words in _plain_error(status, headers, out, query), (query, out)
+    for method, path, words in (("POST", "/v2/models/t%0Anope/infer", "no model named 't?nope'"),
+                                ("POST", "/v2/models/" + "a" * 5000 + "/infer", "..."),
+                                ("GET", "/v2/models/t/infer", "Method Not Allowed"),
+                                ("GET", "/static/..%2f..%2fapp.py", "Not Found")):
+        status, headers, out = server.request(method, path, b"{}" if method == "POST" else None)
+        assert words in _plain_error(status, headers, out, path[:40]) and len(out) < 300, (path[:40], out)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no internal error, no traceback

@@ -50,6 +50,8 @@ def decode(body: bytes, header_length: str | None, info: ModelInfo) -> tuple[np.
         request = json.loads(header)
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "the request is not valid JSON") from None
+    except RecursionError:  # arrays nested thousands deep: valid JSON, but no tensor request looks like it
+        raise RequestError(400, "the request's JSON is nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestError(400, "the request needs an 'inputs' list")
     if len(request["inputs"]) != 1:
@@ -82,10 +84,10 @@ def _tensor(spec: Any, binary: bytes, info: ModelInfo) -> np.ndarray:
     shape = _shape(spec.get("shape"), info)
     dtype = np.dtype(info.input_dtype).newbyteorder("<")
     count = math.prod(shape)
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(spec, "the input's").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size != count * dtype.itemsize or size != len(binary):
-            raise RequestError(400, f"binary_data_size {_short(size)} does not match shape {shape} of {want} "
+            raise RequestError(400, f"binary_data_size {_short(size)} does not match shape {_short(shape)} of {want} "
                                     f"({count * dtype.itemsize} bytes) and the {len(binary)} bytes sent")
         x = np.frombuffer(binary, dtype=dtype)
     else:
@@ -93,15 +95,25 @@ def _tensor(spec: Any, binary: bytes, info: ModelInfo) -> np.ndarray:
     return x.reshape(shape).astype(info.input_dtype, copy=False)
 
 
+def _parameters(owner: dict[str, Any], whose: str) -> dict[str, Any]:
+    """An input's or output's 'parameters': a JSON object, or absent."""
+    params = owner.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RequestError(400, f"{whose} 'parameters' must be a JSON object")
+    return params
+
+
 def _json_data(data: Any, dtype: np.dtype, count: int, shape: list[int]) -> np.ndarray:
     if data is None:
         raise RequestError(400, "the input has neither 'data' nor binary data")
     try:
         x = np.asarray(data, dtype=np.float64).ravel()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: a whole number past float64 (10**400)
         raise RequestError(400, "the input's 'data' must be numbers (a flat or nested list)") from None
     if x.size != count:
-        raise RequestError(400, f"the input's 'data' holds {x.size} values; shape {shape} needs {count}")
+        raise RequestError(400, f"the input's 'data' holds {x.size} values; shape {_short(shape)} needs {count}")
     if not np.isfinite(x).all():
         raise RequestError(400, "the input's 'data' holds NaN or infinite values")
     if dtype.kind == "u" and (x.min(initial=0) < 0 or x.max(initial=0) > 255 or not np.all(x == np.round(x))):
@@ -110,21 +122,23 @@ def _json_data(data: Any, dtype: np.dtype, count: int, shape: list[int]) -> np.n
 
 
 def _shape(shape: Any, info: ModelInfo) -> list[int]:
-    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+    # type() rather than isinstance: JSON true is a Python bool, an int to isinstance but no size
+    if not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int and d > 0 for d in shape):
         raise RequestError(400, f"shape {_short(shape)} is not a 4-d batch of positive sizes")
     nhwc = info.embedded_preprocessing or info.preprocessing.layout == "NHWC"
     n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if nhwc else shape
     layout = "N, H, W, C" if nhwc else "N, C, H, W"
     if c != info.channels:
-        raise RequestError(400, f"shape {shape} ({layout}) has {c} channels; the model takes {info.channels}")
+        raise RequestError(400, f"shape {_short(shape)} ({layout}) has {c} channels; the model takes {info.channels}")
     need = info.static_hw or (None if info.fully_conv else info.input_size)
     if need is not None and (h, w) != tuple(need):
-        raise RequestError(400, f"shape {shape} ({layout}): the model takes exactly {need[0]}x{need[1]}")
+        raise RequestError(400, f"shape {_short(shape)} ({layout}): the model takes exactly {need[0]}x{need[1]}")
     if h < info.input_size[0] or w < info.input_size[1]:
-        raise RequestError(400, f"shape {shape} ({layout}): the model needs at least "
+        raise RequestError(400, f"shape {_short(shape)} ({layout}): the model needs at least "
                                 f"{info.input_size[0]}x{info.input_size[1]}")
     if n * h * w > MAX_PIXELS:
-        raise RequestError(400, f"shape {shape} is over the {MAX_PIXELS // 1_000_000}-megapixel limit per request")
+        raise RequestError(400, f"shape {_short(shape)} is over the {MAX_PIXELS // 1_000_000}-megapixel limit "
+                                "per request")
     if info.batch is not None and n != info.batch:
         raise RequestError(400, f"the model takes batches of exactly {info.batch}")
     return shape
@@ -144,7 +158,7 @@ def _requested(request: dict[str, Any], info: ModelInfo) -> Requested:
             name = out.get("name") if isinstance(out, dict) else None
             if name not in info.outputs:
                 raise RequestError(400, f"unknown output '{_short(name)}': the model has {', '.join(info.outputs)}")
-            binary = (out.get("parameters") or {}).get("binary_data", default_binary)
+            binary = _parameters(out, f"output '{name}'").get("binary_data", default_binary)
             outputs[name] = bool(binary)
     rid = request.get("id")
     return Requested(outputs, rid if isinstance(rid, str) else None)
@@ -173,7 +187,8 @@ def encode(model: str, results: dict[str, np.ndarray], requested: Requested) -> 
 
 
 def _short(value: Any) -> str:
-    """A client's value quoted back safely: short and printable."""
-    text = str(value)
+    """A client's value quoted back safely: short and printable, and as the JSON it came in (never a Python
+    repr: `[true]`, not `[True]`)."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= 40 else text[:37] + "..."
