@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,13 +58,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 class Server:
     """uvicorn serving create_app in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, entries: list[str], settings: Settings, delay_ms: float | None = None) -> None:
+    def __init__(self, entries: list[str], settings: Settings, delay_ms: float | None = None,
+                 export: Any = None) -> None:
         import uvicorn
 
         self.metrics = Metrics()
         delay = settings.max_delay_ms if delay_ms is None else delay_ms
         self.registry = Registry([Entry.parse(e) for e in entries],
-                                 LoadOptions("cpu", 1, settings.max_batch, delay / 1000), None,
+                                 LoadOptions("cpu", 1, settings.max_batch, delay / 1000), export,
                                  self.metrics.observe_batch)
         self.app = create_app(self.registry, settings, self.metrics)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio: Nagle off
@@ -654,3 +656,56 @@ def test_bad_requests_get_one_plain_json_line(server, files, caplog):
         status, headers, out = server.request(method, path, b"{}" if method == "POST" else None)
         assert words in _plain_error(status, headers, out, path[:40]) and len(out) < 300, (path[:40], out)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no internal error, no traceback
+
+
+# ---------------------------------------------------------------- MODEL forms: checkpoint, ensemble, two forms
+
+
+def _classify_and_predict(s: Server, name: str, files: dict[str, Path], query: str, cli_args: list[str]) -> None:
+    """The served top-k equals `vggspec predict --json` on the same files to 1e-6 (predict rounds to 6 places)."""
+    from vggspec.cli import main
+
+    status, _, out = s.request("POST", f"/v2/models/{name}/classify?{query}&topk=3", files["image"].read_bytes(),
+                               {"Content-Type": "image/png"})
+    assert status == 200, out
+    served = json.loads(out)
+    cli = CliRunner().invoke(main, ["predict", *cli_args, str(files["image"]), "--json", "--top", "3"])
+    assert cli.exit_code == 0, cli.output
+    expected = json.loads(next(line for line in cli.output.splitlines() if line.startswith("{")))
+    assert [t["index"] for t in served["top"]] == [t["index"] for t in expected["top"]]
+    for got, want in zip(served["top"], expected["top"], strict=True):
+        assert abs(got["probability"] - want["probability"]) <= 1e-6, (got, want)
+
+
+def test_a_checkpoint_is_served_in_both_forms_as_predict_runs_it(files):
+    from vggspec import checkpoints
+    from vggspec.cli.runtime import _export_checkpoint
+    from vggspec.weights import save_checkpoint
+
+    ckpt = files["tmp"] / "ck.safetensors"
+    if not ckpt.exists():
+        save_checkpoint(ckpt, checkpoints.init_checkpoint(files["tmp"] / "t.vgg", "xavier", seed=4).checkpoint)
+    s = Server([f"ck={ckpt}"], Settings(), export=_export_checkpoint)
+    try:
+        scratch = list(s.registry.get("ck").scratch)
+        assert scratch and all(folder.is_dir() for folder in scratch)  # its forms, exported at start
+        status, _, out = s.request("GET", "/v2/models/ck")
+        assert status == 200 and json.loads(out)["parameters"]["fully_conv"] is True
+        for protocol in ("dense", "combined"):  # combined needs both forms
+            _classify_and_predict(s, "ck", files, f"protocol={protocol}&scales=32,40",
+                                  [str(ckpt), "--protocol", protocol, "--scales", "32,40"])
+    finally:
+        s.stop()
+    assert not any(folder.exists() for folder in scratch)  # and removed with the model
+
+
+def test_an_ensemble_classifies_as_predicts_fusion(files):
+    s = Server([f"ens={files['dense']},{files['dense1']}"], Settings())
+    try:
+        _classify_and_predict(s, "ens", files, "protocol=dense&scales=32,40&flip=true",
+                              [str(files["dense"]), "--ensemble", str(files["dense1"]), "--protocol", "dense",
+                               "--scales", "32,40", "--flip"])
+        status, _, out = s.request("POST", "/v2/models/ens/infer", _json_body(_input(1)))
+        assert status == 400 and "ensemble" in json.loads(out)["error"]  # its members' inputs are their own
+    finally:
+        s.stop()
