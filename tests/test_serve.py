@@ -709,3 +709,73 @@ def test_an_ensemble_classifies_as_predicts_fusion(files):
         assert status == 400 and "ensemble" in json.loads(out)["error"]  # its members' inputs are their own
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- one log line per request, and /metrics
+
+
+def _log_lines(caplog: Any, count: int) -> list[str]:
+    """The server's request lines, once `count` have come (each is written just after its response)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "vggspec.serve" and " route=" in r.getMessage()]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+
+
+def test_one_log_line_per_request_with_status_model_route_latency(files, caplog):
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="vggspec.serve")
+    s = Server([f"t={files['dense']}"], Settings(cors_origins=("http://page.example",)))
+    try:
+        sent = [("POST", "/v2/models/t/infer", _json_body(_input(1)), 200, "t", "/v2/models/{name}/infer"),
+                ("POST", "/v2/models/t/infer", b"{", 400, "t", "/v2/models/{name}/infer"),
+                ("GET", "/v2/models/nope", None, 404, "-", "/v2/models/{name}"),
+                ("GET", "/v2/models/t%0A127.0.0.1:1%20%22GET%20x%22%20200", None, 404, "-", "/v2/models/{name}"),
+                ("GET", "/nowhere", None, 404, "-", "unmatched")]
+        for method, path, body, status, _, _ in sent:
+            assert s.request(method, path, body)[0] == status
+        status, _ = _preflight(s, "http://page.example")  # answered by the CORS layer: logged all the same
+        assert status == 200
+        lines = _log_lines(caplog, len(sent) + 1)
+        assert len(lines) == len(sent) + 1, lines
+        pattern = re.compile(r'^127\.0\.0\.1:\d+ "(\S+) (.+)" (\d{3}) (\d+\.\d)ms model=(\S+) route=(\S+)$')
+        for line, (method, _, _, status, model, route) in zip(lines, sent, strict=False):
+            match = pattern.match(line)
+            assert match and "\n" not in line, line
+            assert (match[1], int(match[3]), match[5], match[6]) == (method, status, model, route), line
+            assert float(match[4]) >= 0
+        assert "t?127.0.0.1" in lines[3]  # a newline in a path cannot forge a line of its own
+        assert pattern.match(lines[-1])[1] == "OPTIONS" and pattern.match(lines[-1])[3] == "200"
+    finally:
+        s.stop()
+
+
+def test_metrics_count_requests_latency_batches_and_queue(files):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = Server([f"t={files['dense']}"], Settings())
+    try:
+        for body in (_json_body(_input(1)), _json_body(_input(2)), b"{"):
+            s.request("POST", "/v2/models/t/infer", body)
+        s.request("GET", "/v2/models/nope")
+        s.request("GET", "/v2/models/" + "x" * 60)
+        families = {f.name: f for f in text_string_to_metric_families(s.request("GET", "/metrics")[2].decode())}
+        requests = {(x.labels["model"], x.labels["route"], x.labels["status"]): x.value
+                    for x in families["vggspec_requests"].samples if x.name == "vggspec_requests_total"}
+        infer = "/v2/models/{name}/infer"
+        assert requests[("t", infer, "200")] == 2 and requests[("t", infer, "400")] == 1
+        assert requests[("", "/v2/models/{name}", "404")] == 2  # unknown names share one series: bounded labels
+        assert not any(model not in ("", "t") for model, _, _ in requests)
+        latency = {x.name: x for x in families["vggspec_request_seconds"].samples
+                   if x.labels.get("route") == infer and x.labels.get("le") in (None, "+Inf")}
+        assert latency["vggspec_request_seconds_count"].value == 3
+        assert latency["vggspec_request_seconds_bucket"].value == 3 and latency["vggspec_request_seconds_sum"].value > 0
+        batch = {x.name: x.value for x in families["vggspec_batch_size"].samples if x.labels.get("model") == "t"}
+        assert batch["vggspec_batch_size_count"] == 2 and batch["vggspec_batch_size_sum"] == 3  # rows 1 and 2
+        assert families["vggspec_queue_depth"].samples[0].value == 0
+        assert families["vggspec_rejected"].samples[0].value == 0
+    finally:
+        s.stop()

@@ -369,13 +369,12 @@ def routes() -> list[Any]:
 # ---------------------------------------------------------------- the front door
 
 
-class FrontDoor:
-    """ASGI middleware: the API key, one log line and the metrics of every request."""
+class AccessLog:
+    """ASGI middleware, the outermost: one log line and the metrics of every request, CORS preflights and
+    refusals included."""
 
     def __init__(self, app: Any, state: State, table: list[Any]) -> None:
         self.app, self.state, self.table = app, state, table
-        key = state.settings.api_key
-        self.key = key.encode() if key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -389,16 +388,50 @@ class FrontDoor:
                 status[0] = message["status"]
             await send(message)
 
-        path = scope["path"]
         try:
-            if self.key is not None and not path.startswith(PUBLIC) and not self._page(path) \
-                    and not self._authorised(scope):
-                await error(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                            {"WWW-Authenticate": "Bearer"})(scope, receive, tracked)
-            else:
-                await self.app(scope, receive, tracked)
+            await self.app(scope, receive, tracked)
         finally:
             self._record(scope, status[0], time.perf_counter() - start)
+
+    def _record(self, scope: dict, status: int, seconds: float) -> None:
+        model, route = self._route(scope)
+        self.state.metrics.observe_request(model, route, status, seconds)
+        client = scope.get("client") or ("-", 0)
+        # the path as decoded from the URL: a %0A in it must not start a forged line of its own
+        log.info('%s:%s "%s %s" %d %.1fms model=%s route=%s', client[0], client[1], scope["method"],
+                 oip._short(scope["path"], 200), status, seconds * 1000, model or "-", route)
+
+    def _route(self, scope: dict) -> tuple[str, str]:
+        """The served model's name ('' for any other: the labels stay bounded) and the route's template; a
+        route matched but for its method (405, a preflight) counts as that route."""
+        partial: tuple[Any, dict] | None = None
+        for candidate in self.table:  # as Starlette's router picks: the first full match, else the first partial
+            match, child = candidate.matches(scope)
+            if match == Match.FULL:
+                partial = (candidate, child)
+                break
+            if match == Match.PARTIAL and partial is None:
+                partial = (candidate, child)
+        if partial is None:
+            return "", "unmatched"
+        name = partial[1].get("path_params", {}).get("name", "")
+        return (name if name in self.state.registry else ""), partial[0].path
+
+
+class KeyCheck:
+    """ASGI middleware: the API key on every route but health and the page; inside the CORS layer, so that
+    preflights (which carry no key) are answered and a 401 still carries CORS headers."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(PUBLIC) or self._page(path) or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        await error(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
     @staticmethod
     def _page(path: str) -> bool:
@@ -410,22 +443,7 @@ class FrontDoor:
         auth = headers.get(b"authorization", b"")
         if given is None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        assert self.key is not None
         return hmac.compare_digest(given or b"", self.key)
-
-    def _record(self, scope: dict, status: int, seconds: float) -> None:
-        route, model = "unmatched", ""
-        for candidate in self.table:
-            match, child = candidate.matches(scope)
-            if match == Match.FULL:
-                route = candidate.path
-                name = child.get("path_params", {}).get("name", "")
-                model = name if name in self.state.registry else ""
-                break
-        self.state.metrics.observe_request(model, route, status, seconds)
-        client = scope.get("client") or ("-", 0)
-        log.info('%s:%s "%s %s" %d %.1fms', client[0], client[1], scope["method"], scope["path"], status,
-                 seconds * 1000)
 
 
 # ---------------------------------------------------------------- the app
@@ -449,14 +467,16 @@ def create_app(registry: Registry, settings: Settings, metrics: Metrics | None =
         finally:
             state.close()
 
-    middleware = [Middleware(FrontDoor, state=state, table=table)]
+    middleware = [Middleware(AccessLog, state=state, table=table)]  # outermost first
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                        allow_methods=["GET", "POST"],
-                                        allow_headers=["Authorization", "X-API-Key", "Content-Type", oip.HEADER],
-                                        expose_headers=[oip.HEADER]))
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "X-API-Key", "Content-Type", oip.HEADER],
+                                     expose_headers=[oip.HEADER]))
+    if settings.api_key:
+        middleware.append(Middleware(KeyCheck, key=settings.api_key))
     handlers = {RequestError: _request_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=table, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.vggspec = state

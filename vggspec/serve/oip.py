@@ -186,9 +186,9 @@ def encode(model: str, results: dict[str, np.ndarray], requested: Requested) -> 
     return text + b"".join(blobs), {HEADER: str(len(text))}
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, most: int = 40) -> str:
     """A client's value quoted back safely: short and printable, and as the JSON it came in (never a Python
     repr: `[true]`, not `[True]`)."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= most else text[:most - 3] + "..."
