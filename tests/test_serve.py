@@ -779,3 +779,27 @@ def test_metrics_count_requests_latency_batches_and_queue(files):
         assert families["vggspec_rejected"].samples[0].value == 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- the help's examples
+
+
+def test_every_help_example_is_a_valid_command_line():
+    import shlex
+
+    from vggspec.cli import main
+    from vggspec.cli.serve import serve
+
+    shown = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200)
+    assert shown.exit_code == 0
+    lines = shown.output.split("Examples:", 1)[1].strip().splitlines()
+    assert len(lines) >= 4
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["vggspec", "serve"], line
+        ctx = serve.make_context("serve", words[2:], resilient_parsing=False)  # parsed, the server not started
+        entries = [Entry.parse(m) for m in ctx.params["models"]]
+        assert entries and all(e.paths for e in entries), line
+    entries = {e.name: e for line in lines for e in map(Entry.parse, serve.make_context(
+        "serve", shlex.split(line)[2:]).params["models"])}
+    assert len(entries["ens"].members) == 2 and entries["vgg"].members == (("vgg_dense.onnx", "vgg.onnx"),)
