@@ -236,8 +236,9 @@ def test_classify_errors(server, files):
 def test_body_limits_413_from_content_length_and_while_streaming(files):
     s = Server([f"t={files['dense']}"], Settings(max_body_mb=0.01))
     try:
-        status, _, out = s.request("POST", "/v2/models/t/classify", b"x" * 20_000, {"Content-Type": "image/png"})
+        status, headers, out = s.request("POST", "/v2/models/t/classify", b"x" * 20_000, {"Content-Type": "image/png"})
         assert status == 413 and "0.01 MB" in json.loads(out)["error"]
+        assert headers.get("connection") == "close"  # the unread body is dropped with its connection
 
         def chunks():
             for _ in range(10):
@@ -467,9 +468,11 @@ def test_a_stalled_upload_blocks_nobody_and_gets_408(files, route):
         for sock in stalled:
             sock.settimeout(5)
             reply = _reply(sock)
-            sock.close()
             assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
             assert "did not arrive within 1 s" in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+            sock.settimeout(0.5)
+            assert sock.recv(1) == b""  # and the connection is closed at once, its unread body dropped
+            sock.close()
         assert time.monotonic() - start < 4
         assert _queue_depth(s) == 0
         with ThreadPoolExecutor(2) as pool:  # --max-queue requests at once: no slot was leaked

@@ -133,30 +133,34 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 # ---------------------------------------------------------------- bodies and jobs
 
 
+CLOSE = {"Connection": "close"}  # a refused body is never read: the connection goes at once, not at keep-alive's end
+
+
 async def read_body(request: Request, settings: Settings) -> bytes:
     """The whole body, refused with 413 past the limit (from Content-Length, and while it streams) and 408
-    when it does not arrive within the request timeout."""
+    when it does not arrive within the request timeout; both close the connection."""
     limit = settings.max_body_bytes
+    too_large = RequestError(413, f"the body is over the {settings.max_body_mb:g} MB limit", CLOSE)
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise RequestError(400, "Content-Length is not a number")
+            raise RequestError(400, "Content-Length is not a number", CLOSE)
         if int(length) > limit:
-            raise RequestError(413, f"the body is over the {settings.max_body_mb:g} MB limit")
+            raise too_large
 
     async def collect() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, f"the body is over the {settings.max_body_mb:g} MB limit")
+                raise too_large
             chunks.append(chunk)
         return b"".join(chunks)
 
     try:
         return await asyncio.wait_for(collect(), settings.timeout_s)
     except asyncio.TimeoutError:
-        raise RequestError(408, f"the body did not arrive within {settings.timeout_s:g} s") from None
+        raise RequestError(408, f"the body did not arrive within {settings.timeout_s:g} s", CLOSE) from None
     except ClientDisconnect:
         raise RequestError(400, "the client disconnected") from None
 
