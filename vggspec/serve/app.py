@@ -133,18 +133,21 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 # ---------------------------------------------------------------- bodies and jobs
 
 
-CLOSE = {"Connection": "close"}  # a refused body is never read: the connection goes at once, not at keep-alive's end
+# A 408 closes its connection (RFC 9110: the server gave up waiting), rather than holding it to keep-alive's end.
+# A 413 does not: uvicorn has no lingering close, so closing on a client still sending its body resets the
+# connection, and the client may never read why.
+CLOSE = {"Connection": "close"}
 
 
 async def read_body(request: Request, settings: Settings) -> bytes:
     """The whole body, refused with 413 past the limit (from Content-Length, and while it streams) and 408
-    when it does not arrive within the request timeout; both close the connection."""
+    when it does not arrive within the request timeout (closing the connection)."""
     limit = settings.max_body_bytes
-    too_large = RequestError(413, f"the body is over the {settings.max_body_mb:g} MB limit", CLOSE)
+    too_large = RequestError(413, f"the body is over the {settings.max_body_mb:g} MB limit")
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise RequestError(400, "Content-Length is not a number", CLOSE)
+            raise RequestError(400, "Content-Length is not a number")
         if int(length) > limit:
             raise too_large
 
