@@ -66,6 +66,7 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
         import uvicorn
 
         from ..serve import Entry, LoadOptions, Metrics, Registry, Settings, create_app
+        from ..serve.protocol import uvicorn_config
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "prometheus_client", "multipart",
                                               "python_multipart"):
@@ -86,10 +87,7 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
                         _export_checkpoint, metrics.observe_batch)
     try:
         app = create_app(registry, settings, metrics)
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=grace, limit_concurrency=max(2 * max_queue, max_queue + 32),
-                                server_header=False)
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         click.echo(f"vggspec serve: {', '.join(registry.names)} on http://{where}:{bound[1]} "

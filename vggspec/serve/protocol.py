@@ -1,0 +1,92 @@
+"""The HTTP connection: uvicorn's h11 protocol with a deadline for a request's headers, and the uvicorn settings
+`vggspec serve` runs with (one place, for the CLI and the tests).
+
+uvicorn bounds the silence between keep-alive requests but not the time a client may take to finish its request
+line and headers: a client that sends "GET / HTTP/1.1\\r\\nHost: x" and stops would hold its connection, and one
+of the connection allowance, for ever (slowloris). The body has its own deadline in the app (--timeout-s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("vggspec.serve")
+
+
+def _late_reply(timeout: float) -> bytes:
+    body = json.dumps({"error": f"the request's headers did not arrive within {timeout:g} s"}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class HeaderDeadline(H11Protocol):
+    """H11Protocol that closes a connection whose request headers are not complete `header_timeout` seconds
+    after its first byte (or after the connection opened): 408 when some bytes came, a plain close when none."""
+
+    header_timeout = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._got_bytes = False
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if not waiting:
+            self._disarm()
+        elif data and self.conn.trailing_data[0] and not self._got_bytes:
+            # The first bytes of a new request (after a keep-alive pause, uvicorn's own timer is off now).
+            self._arm()
+
+    def on_response_complete(self) -> None:
+        self._got_bytes = False  # the next request's deadline starts with its first byte
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._arm()  # a pipelined request's first bytes already came with the last one
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        """The deadline from now: the first bytes of a request have come."""
+        self._got_bytes = True
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:
+            log.info("408 %s: request headers not complete within %g s", _peer(self.transport), self.header_timeout)
+            self.transport.write(_late_reply(self.header_timeout))
+        self.transport.close()
+
+
+def _peer(transport: asyncio.Transport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "client"
+
+
+def uvicorn_config(app: Any, timeout_s: float, max_queue: int, grace: float, **options: Any) -> Any:
+    """uvicorn.Config for `app`: the header deadline at `timeout_s`, a connection allowance above the queue's."""
+    import uvicorn
+
+    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout_s})
+    settings: dict[str, Any] = {"log_config": None, "log_level": "warning", "access_log": False,
+                                "timeout_graceful_shutdown": grace, "server_header": False,
+                                "limit_concurrency": max(2 * max_queue, max_queue + 32), **options}
+    return uvicorn.Config(app, http=protocol, **settings)
