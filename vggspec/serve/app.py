@@ -411,18 +411,18 @@ class AccessLog:
     def _route(self, scope: dict) -> tuple[str, str]:
         """The served model's name ('' for any other: the labels stay bounded) and the route's template; a
         route matched but for its method (405, a preflight) counts as that route."""
-        partial: tuple[Any, dict] | None = None
+        found: tuple[Any, dict] | None = None
         for candidate in self.table:  # as Starlette's router picks: the first full match, else the first partial
             match, child = candidate.matches(scope)
             if match == Match.FULL:
-                partial = (candidate, child)
+                found = (candidate, child)
                 break
-            if match == Match.PARTIAL and partial is None:
-                partial = (candidate, child)
-        if partial is None:
+            if match == Match.PARTIAL and found is None:
+                found = (candidate, child)
+        if found is None:
             return "", "unmatched"
-        name = partial[1].get("path_params", {}).get("name", "")
-        return (name if name in self.state.registry else ""), partial[0].path
+        name = found[1].get("path_params", {}).get("name", "")
+        return (name if name in self.state.registry else ""), found[0].path
 
 
 class KeyCheck:

@@ -41,7 +41,7 @@ class HeaderDeadline(H11Protocol):
         waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
         if not waiting:
             self._disarm()
-        elif data and self.conn.trailing_data[0] and not self._got_bytes:
+        elif self.conn.trailing_data[0] and not self._got_bytes:
             # The first bytes of a new request (after a keep-alive pause, uvicorn's own timer is off now).
             self._arm()
 
