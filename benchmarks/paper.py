@@ -98,7 +98,8 @@ class Plan:
     train: int
     val: int
     test: int
-    epochs: int  # from scratch (A) and from A (the deeper nets), at fixed S
+    scratch_epochs: int  # A, A-raw and A-LRN-raw from random weights, at fixed S
+    epochs: int  # the deeper nets from A's layers, at fixed S
     tune_epochs: int  # jittered nets and their fixed-S twins, fine-tuned from the fixed-S net
     seeds: tuple[int, ...]
     select_val: int  # validation images the test protocol runs on to choose the fusion pair and the variant
@@ -114,8 +115,10 @@ def _seeds() -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(",")) if text else (0, 1, 2)
 
 
-FULL = Plan(3000, 1000, 2000, 16, 8, _seeds(), 500, tuple(VARIANTS))
-QUICK = Plan(300, 200, 200, 1, 1, (0, 1), 60, ("smaller",), heat_images=20)
+# A from random weights sits at chance for ~750 steps on 3,000 'small' scenes (8 epochs), then learns: 30
+# epochs let it converge; the deeper nets start from A's layers and need fewer (pilot of 2026-12-05, seed 100).
+FULL = Plan(3000, 1000, 2000, 30, 16, 8, _seeds(), 500, tuple(VARIANTS))
+QUICK = Plan(300, 200, 200, 1, 1, 1, (0, 1), 60, ("smaller",), heat_images=20)
 
 
 def command(cfg: Config) -> str:
@@ -307,12 +310,13 @@ def _cost(job: Job) -> float:
 
 def plan_seconds(plan: Plan) -> dict[str, float]:
     """The plan's wall time two at a time, from COST: for the docstring's promise, printed with each run."""
-    per_img = {"scratch": (2 * COST["A"] + COST["A-LRN"]) * plan.epochs,
+    per_img = {"scratch": (2 * COST["A"] + COST["A-LRN"]) * plan.scratch_epochs,
                "deep": sum(COST[c] for c in "BCDE") * plan.epochs,
                "tune": (2 * COST["D"] + COST["E"]) * plan.tune_epochs}
     nets = 10
     train = len(plan.seeds) * (sum(per_img.values()) * plan.train + nets * START_S) / 2
-    pilot = (2 * len(plan.variants) + 2) * (START_S + COST["D"] * plan.epochs * plan.train) / 2
+    pilot = (3 * (START_S + COST["A"] * plan.scratch_epochs * plan.train)
+             + 2 * len(plan.variants) * (START_S + COST["D"] * plan.epochs * plan.train)) / 2
     crop_s = 0.075 * plan.test * 2 * len(plan.seeds) + 0.075 * plan.select_val * 4 * len(plan.seeds)
     return {"training": round(train), "pilot": round(pilot), "evaluation": round((crop_s + 60 * len(plan.seeds)) / 2)}
 
@@ -392,9 +396,9 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     variant; then A -> D -> jittered D on each variant, whose test protocol on validation picks the variant."""
     datas = {v: make_data(cfg, plan, v) for v in plan.variants}
     first = datas[plan.variants[0]]
-    a_by_p = {p: Job(f"pilot-A-p{p}", "A", PILOT_SEED, first, SETS_BN, str(S_FIXED), plan.epochs, p)
+    a_by_p = {p: Job(f"pilot-A-p{p}", "A", PILOT_SEED, first, SETS_BN, str(S_FIXED), plan.scratch_epochs, p)
               for p in PATIENCE}
-    raw = Job("pilot-A-raw", "A", PILOT_SEED, first, SETS_RAW, str(S_FIXED), plan.epochs, PATIENCE[-1],
+    raw = Job("pilot-A-raw", "A", PILOT_SEED, first, SETS_RAW, str(S_FIXED), plan.scratch_epochs, PATIENCE[-1],
               lr=LRN_LR[0])
     run_graph([*a_by_p.values(), raw], lambda j: train(j, root, code), plan.jobs)
     a_val = {p: val_error(j, root, code, plan) for p, j in a_by_p.items()}
@@ -441,9 +445,10 @@ def arms(plan: Plan, data: Data, patience: int, lrn_lr: float) -> dict[int, dict
             base = {"sets": SETS_BN, "scale": str(S_FIXED), "epochs": plan.epochs, "patience": patience}
             return Job(name, config, seed, data, **(base | kw))
 
-        a = net("A", "A")
-        nets = {"A": a, "A-raw": net("A-raw", "A", sets=SETS_RAW, lr=lrn_lr),
-                "A-LRN-raw": net("A-LRN-raw", "A-LRN", sets=SETS_RAW, lr=lrn_lr)}
+        scratch = plan.scratch_epochs
+        a = net("A", "A", epochs=scratch)
+        nets = {"A": a, "A-raw": net("A-raw", "A", sets=SETS_RAW, lr=lrn_lr, epochs=scratch),
+                "A-LRN-raw": net("A-LRN-raw", "A-LRN", sets=SETS_RAW, lr=lrn_lr, epochs=scratch)}
         nets |= {c: net(c, c, parent=a, init="--init-from") for c in "BCDE"}
         tune = {"epochs": plan.tune_epochs, "lr": 0.001, "init": "--weights"}
         jit = f"{JITTER[0]}:{JITTER[1]}"
@@ -747,8 +752,9 @@ def report(section: Section, results: dict[str, Any], plan: Plan) -> None:
         f"jittered D under the test protocol on validation: {ch['best_val_err_by_variant']} %, aim >= "
         f"{100 * DIFFICULTY:.0f} %{'' if ch['variant_meets_difficulty'] else ', NOT met by any variant'}). Best "
         f"test top-1 of any row: {results['best_test_top1']:.1f} % (the aim: >= 10 %).",
-        f"{plan.train} training scenes; {plan.epochs} epochs at lr 1e-2, batch 32, momentum 0.9, weight decay 5e-4, "
-        f"A from random weights and B-E from A's first four conv and last three FC layers (`--init-from`); the "
+        f"{plan.train} training scenes; lr 1e-2, batch 32, momentum 0.9, weight decay 5e-4; A from random weights "
+        f"({plan.scratch_epochs} epochs) and B-E from A's first four conv and last three FC layers (`--init-from`, "
+        f"{plan.epochs} epochs); the plateau schedule counts from the epoch a net's training loss leaves chance; the "
         f"jittered nets and D's fixed-S twin fine-tuned from their fixed-S net for {plan.tune_epochs} epochs at "
         "1e-3 (`--weights`). Batch norm, Glorot init and no dropout (chosen on earlier validation pilots), except "
         f"A-raw and A-LRN-raw: no batch norm, the paper's input (pixels minus the training mean). LRN's output / "

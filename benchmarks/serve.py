@@ -165,14 +165,14 @@ def in_process(model: Any, x: np.ndarray, batch: int, seconds: float) -> float:
 def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: int, seconds: float,
                    warmup: float, soak_s: float, rounds: int) -> None:
     x = np.random.default_rng(0).normal(size=(1, 3, hw, hw)).astype(np.float32)
-    request = infer_request(x)
+    request, request8 = infer_request(x), infer_request(np.repeat(x, 8, axis=0))
     servers = {"batched": Served(path, cfg.threads, 8, 5.0), "unbatched": Served(path, cfg.threads, 1, 0.0)}
     try:
         for server in servers.values():
             asyncio.run(_load(server.port, request, 2, 0.5, 0.0))  # sessions warm
         results = {mode: {c: asyncio.run(_load(server.port, request, c, seconds, warmup)) for c in CONCURRENCY}
                    for mode, server in servers.items()}
-        rates = _side_by_side(servers, path, x, request, cfg.threads, seconds, warmup, rounds)
+        rates = _side_by_side(servers, path, x, (request, request8), cfg.threads, seconds, warmup, rounds)
         if soak_s:
             _soak(section, label, servers["batched"], request, soak_s)
     finally:
@@ -188,7 +188,9 @@ def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: in
                     detail=f"p50 {off.p50_ms:.0f} ms, p99 {off.p99_ms:.0f} ms, errors {off.errors}")
     for what, num, den, target in (
             ("batched / unbatched at concurrency 16", "batched", "unbatched", 1.5),
-            ("served (batch 8, c=16) / in-process Model.run batch 8", "batched", "batch 8", 0.85),
+            ("served (one-image requests batched to 8, c=16) / in-process Model.run batch 8", "batched", "batch 8",
+             0.85),
+            ("served (8-image requests, c=4) / in-process Model.run batch 8", "requests of 8", "batch 8", 0.85),
             ("served (unbatched, c=16) / in-process Model.run batch 1", "unbatched", "batch 1", 0.85),
             ("in-process Model.run batch 8 / batch 1", "batch 8", "batch 1", None)):
         ratio = paired_ratio(rates[num], rates[den])
@@ -198,16 +200,21 @@ def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: in
                            f"per-round ratios {ratio_range(rates[num], rates[den])})")
 
 
-def _side_by_side(servers: dict[str, Served], path: Path, x: np.ndarray, request: bytes, threads: int,
+def _side_by_side(servers: dict[str, Served], path: Path, x: np.ndarray, requests: tuple[bytes, bytes], threads: int,
                   seconds: float, warmup: float, rounds: int) -> dict[str, list[float]]:
-    """Images/s of both servers at concurrency 16 and of Model.run in process at batch 8 and 1, in rounds
-    whose order rotates (benchmarks.common.interleave's rule): each ratio pairs runs made under the same load."""
+    """Images/s of both servers at concurrency 16 (one image per request), of the batched server at concurrency 4
+    with 8 images per request (the server's own cost at the in-process batch size, without 8 HTTP round trips
+    per batch), and of Model.run in process at batch 8 and 1, in rounds whose order rotates
+    (benchmarks.common.interleave's rule): each ratio pairs runs made under the same load."""
     from vggspec.runtime import load
 
     model = load(path, device="cpu", threads=threads)
+    one, eight = requests
     fns = {
-        "batched": lambda: asyncio.run(_load(servers["batched"].port, request, 16, seconds, warmup)).images_per_s,
-        "unbatched": lambda: asyncio.run(_load(servers["unbatched"].port, request, 16, seconds, warmup)).images_per_s,
+        "batched": lambda: asyncio.run(_load(servers["batched"].port, one, 16, seconds, warmup)).images_per_s,
+        "unbatched": lambda: asyncio.run(_load(servers["unbatched"].port, one, 16, seconds, warmup)).images_per_s,
+        "requests of 8": lambda: 8 * asyncio.run(_load(servers["batched"].port, eight, 4, seconds,
+                                                       warmup)).images_per_s,
         "batch 8": lambda: in_process(model, x, 8, seconds),
         "batch 1": lambda: in_process(model, x, 1, seconds),
     }
@@ -257,7 +264,8 @@ def run(cfg: Config) -> Section:
                          f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}: other engineers' jobs share these 2 cores, "
                          "and the load generator runs beside the server.")
     section.notes.append("Requests: Open Inference Protocol infer, one image per request as a binary tensor "
-                         "(1 x 3 x H x W float32), keep-alive connections, one per concurrent client. Server: "
+                         "(1 x 3 x H x W float32; the '8-image requests' row: 8 x 3 x H x W), keep-alive "
+                         "connections, one per concurrent client. Server: "
                          f"`vggspec serve --threads {cfg.threads} --max-queue 256`, batched = --max-batch 8 "
                          "--max-delay-ms 5, unbatched = --max-batch 1. In-process: vggspec.runtime Model.run on "
                          "the same input repeated to the batch size. Latency p50/p99 over requests finished after "

@@ -347,6 +347,37 @@ def test_a_net_that_leaves_chance_late_is_noted_after_the_warning(tmp_path: Path
                           f"{loop.STUCK_STEPS + 5 + loop.LEFT_STEPS}): the net is learning after all")
 
 
+def test_the_plateau_schedule_waits_for_the_loss_to_leave_chance(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from vggspec.graph.load import load_spec
+    from vggspec.train import loop
+
+    # A late starter's epochs: the val accuracy is flat at chance while the training loss sits at ln 10, which
+    # torch's ReduceLROnPlateau alone reads as a plateau (it would cut the rate after `patience` epochs).
+    trainer = object.__new__(loop.Trainer)
+    trainer.graph = load_spec(tiny_spec(tmp_path / "tiny.vgg"), ("classes=10",))
+    trainer.world = SimpleNamespace(main=True)
+    trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, mode="max", factor=0.1,
+                                                                   patience=1)
+    trainer.config = SimpleNamespace(patience=1)
+    trainer.epochs_at_chance, trainer.said_waits = 0, False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            trainer._schedule(2.29, 0.10)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.01
+    assert [str(w.message) for w in seen] == [
+        "the training loss has been at chance, ln 10, for 2 epochs: the learning rate stays at 0.01, since the "
+        "plateau schedule counts from the epoch the net starts to learn"]
+    for accuracy in (0.30, 0.30, 0.30):  # learning, then a plateau: the rate is cut after `patience` epochs
+        trainer._schedule(2.0, accuracy)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+
+
 def test_signal_gain_separates_the_inits_that_train_from_those_that_stay_at_chance() -> None:
     from vggspec.graph.load import load_spec
     from vggspec.train.loop import MIN_SIGNAL_GAIN

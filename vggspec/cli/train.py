@@ -59,7 +59,8 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--epochs", type=bounded("epochs", 1), default=DEFAULTS["epochs"], show_default=True)
 @click.option("--patience", type=click.IntRange(0), default=DEFAULTS["patience"], show_default=True,
               help="Epochs without a better val accuracy before the rate is divided by 10 "
-                   f"(at most {DEFAULTS['max_decreases']} times).")
+                   f"(at most {DEFAULTS['max_decreases']} times), counted once the training loss has left "
+                   "chance.")
 @click.option("--init-from", metavar="CKPT", default=DEFAULTS["init_from"],
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
 @click.option("--weights", metavar="CKPT", default=DEFAULTS["weights"],

@@ -207,6 +207,7 @@ class Trainer:
         self.progress, self.saved_step = Progress(), 0
         self.at_chance, self.said_stuck = 0, False  # steps in a row with the loss at ln(classes)
         self.below_chance, self.said_left = 0, False  # steps in a row under that band, once said stuck
+        self.epochs_at_chance, self.said_waits = 0, False  # epochs the plateau schedule waited, and its note
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
         self.net = self._wrap()  # DDP across processes, torch.compile
@@ -554,11 +555,15 @@ class Trainer:
         fixes += [] if any(layer.op == "bn" for layer in self.graph.layers) else ["--set norm=batch"]
         return ", or ".join(fixes)
 
+    def _chance(self) -> tuple[float, float]:
+        """Chance, ln(classes), and the half-width of the band around it in which a loss has learnt nothing."""
+        chance = math.log(self.graph.meta.classes)
+        return chance, min(STUCK_TOLERANCE * chance, 0.1)
+
     def _watch_chance(self, loss: float) -> None:
         """Warn once when the loss has stayed at chance for STUCK_STEPS steps in a row (nothing learnt yet), and
         note once when, after that, it stays below chance for LEFT_STEPS steps (the net took off late)."""
-        chance = math.log(self.graph.meta.classes)
-        band = min(STUCK_TOLERANCE * chance, 0.1)
+        chance, band = self._chance()
         self.at_chance = self.at_chance + 1 if abs(loss - chance) <= band else 0
         if self.at_chance >= STUCK_STEPS and not self.said_stuck and self.world.main:
             self.said_stuck = True
@@ -623,7 +628,7 @@ class Trainer:
                "train_loss": s["loss"] / max(s["count"], 1), "train_top1_err": 1 - s["correct"] / max(s["count"], 1),
                **val, "images_per_s": s["count"] / max(s["seconds"], 1e-9), "seconds": s["seconds"],
                "skipped": int(s["skipped"]), "val_skipped": val_skipped}
-        self.scheduler.step(1 - val["val_top1_err"])
+        self._schedule(row["train_loss"], 1 - val["val_top1_err"])
         if self.world.main:
             if row["skipped"]:
                 warnings.warn(f"epoch {row['epoch']}: {row['skipped']} unreadable training images skipped",
@@ -636,6 +641,23 @@ class Trainer:
         self.progress = Progress(p.epoch + 1, 0, p.global_step)
         self.save()
         return row
+
+    def _schedule(self, train_loss: float, val_accuracy: float) -> None:
+        """lr / 10 on a plateau of the val accuracy, counted only once the epoch's training loss has left chance:
+        a net that has not started to learn shows a flat val accuracy, and dividing its rate there keeps it at
+        chance (measured: narrow A on scenes sat at chance for 7 epochs, the plateau cut its rate twice, and it
+        ended at 89 % error). Said once, when a plain plateau schedule would have cut the rate by now."""
+        chance, band = self._chance()
+        if abs(train_loss - chance) > band:
+            self.scheduler.step(val_accuracy)
+            return
+        self.epochs_at_chance += 1
+        if self.epochs_at_chance > self.config.patience and not self.said_waits and self.world.main:
+            self.said_waits = True
+            warnings.warn(TrainingNote(f"the training loss has been at chance, ln {self.graph.meta.classes}, for "
+                                       f"{self.epochs_at_chance} epochs: the learning rate stays at "
+                                       f"{self.optimizer.param_groups[0]['lr']:g}, since the plateau schedule "
+                                       "counts from the epoch the net starts to learn"), stacklevel=2)
 
     def save(self) -> None:
         """Rank 0 writes a state/ checkpoint (everything a resume needs), then model.safetensors, both atomically."""
