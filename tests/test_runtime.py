@@ -779,6 +779,15 @@ def test_memory_per_image_counts_the_networks_activations(models, tmp_path, imag
     assert _cli("predict", models["dense"], image, "--max-memory", "lots").exit_code == 2
 
 
+def test_an_fp16_models_activations_take_half_the_bytes() -> None:
+    from vggspec.runtime.memory import activation_bytes
+
+    fp32 = activation_bytes(128, 2, (224, 224))
+    assert fp32 == 2 * 224 * 224 * 4 * (128 + 3)
+    assert activation_bytes(128, 2, (224, 224), precision="fp16") * 2 == fp32
+    assert activation_bytes(128, 2, (224, 224), precision="int8") == fp32  # Q/DQ hands floats between layers
+
+
 def _endless(model) -> None:
     """posteriors through a Loop whose condition never turns false (and no trip count)."""
     body = helper.make_graph(

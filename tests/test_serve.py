@@ -73,7 +73,7 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn_config(self.app, settings.timeout_s, settings.max_queue, 2,
-                                                    log_level="error"))
+                                                    self.metrics.observe_header_timeout, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -534,6 +534,8 @@ def test_a_client_stalled_inside_its_headers_is_closed_at_the_timeout(files):
             data += chunk
         assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data, data
         again.close()
+        metrics = s.request("GET", "/metrics")[2].decode()
+        assert 'vggspec_requests_total{model="",route="(headers)",status="408"} 2.0' in metrics  # stalled, again
     finally:
         s.stop()
 

@@ -571,7 +571,8 @@ def test_cli_refuses_out_of_range_optimiser_options(tmp_path: Path, folder: Path
 
 
 @pytest.mark.parametrize("setting", [{"lr": -1.0}, {"momentum": 1.0}, {"weight_decay": -1.0},
-                                     {"lighting": float("nan")}, {"lr": float("inf")}])
+                                     {"lighting": float("nan")}, {"lr": float("inf")}, {"lr": 11.0},
+                                     {"weight_decay": 1.5}])  # the CLI's own upper bounds (vggspec.limits)
 def test_library_refuses_out_of_range_settings(tmp_path: Path, folder: Path, setting: dict) -> None:
     spec = tiny_spec(tmp_path / "tiny.vgg")
     option = "--" + next(iter(setting)).replace("_", "-")

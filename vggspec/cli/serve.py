@@ -87,7 +87,7 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
                         _export_checkpoint, metrics.observe_batch)
     try:
         app = create_app(registry, settings, metrics)
-        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace))
+        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         click.echo(f"vggspec serve: {', '.join(registry.names)} on http://{where}:{bound[1]} "

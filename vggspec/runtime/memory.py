@@ -24,6 +24,9 @@ DEFAULT_MAX_MEMORY = 1_500_000_000
 # of conv1_2), the widest of the paper's configurations at full resolution.
 FALLBACK_FLOATS_PER_PIXEL = 128.0
 FLOAT_BYTES = 4
+# Bytes per activation by the model's precision (contract.PRECISIONS). An int8 model's Q/DQ nodes hand floats
+# between its quantized layers, and "mixed" may hold fp32 anywhere: both keep the float's 4.
+VALUE_BYTES = {"fp16": 2}
 _POOLS = {"MaxPool", "AveragePool", "LpPool"}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -175,8 +178,9 @@ def _stride(node: Any) -> int:
     return max(strides) if isinstance(strides, list) and strides else 1
 
 
-def activation_bytes(floats: float, batch: int, size: tuple[int, int], channels: int = 3) -> int:
+def activation_bytes(floats: float, batch: int, size: tuple[int, int], channels: int = 3,
+                     precision: str = "fp32") -> int:
     """Bytes one pass of `batch` images of `size` (width, height) holds at its peak: the activations and the
-    float input."""
+    input, at the model's `precision`."""
     pixels = batch * size[0] * size[1]
-    return int(pixels * FLOAT_BYTES * (floats + channels))
+    return int(pixels * VALUE_BYTES.get(precision, FLOAT_BYTES) * (floats + channels))

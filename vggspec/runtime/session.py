@@ -413,7 +413,7 @@ class Model:
         than limits.memory: the network's activations at that size, not only its pixels, decide."""
         if self._floats is None:
             self._floats = floats_per_pixel(self.path)
-        need = activation_bytes(self._floats, batch, size, self.info.channels)
+        need = activation_bytes(self._floats, batch, size, self.info.channels, self.info.precision)
         if need > self.limits.memory:
             raise DataError(f"a dense pass at {size[1]}x{size[0]} needs about {shown_size(need)} for the network's "
                             f"activations, over the {shown_size(self.limits.memory)} limit (--max-memory "

@@ -32,6 +32,10 @@ class Metrics:
         self.requests.labels(model, route, str(status)).inc()
         self.latency.labels(model, route).observe(seconds)
 
+    def observe_header_timeout(self) -> None:
+        """A 408 sent by the connection before any route was known (serve.protocol's header deadline)."""
+        self.requests.labels("", "(headers)", "408").inc()
+
     def observe_batch(self, model: str, rows: int) -> None:
         self.batch.labels(model).observe(rows)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -30,6 +31,7 @@ class HeaderDeadline(H11Protocol):
     after its first byte (or after the connection opened): 408 when some bytes came, a plain close when none."""
 
     header_timeout = 30.0
+    on_timeout: Callable[[], None] | None = None  # told of each 408, for /metrics
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -73,6 +75,8 @@ class HeaderDeadline(H11Protocol):
         if self.conn.trailing_data[0]:
             log.info("408 %s: request headers not complete within %g s", _peer(self.transport), self.header_timeout)
             self.transport.write(_late_reply(self.header_timeout))
+            if self.on_timeout is not None:
+                self.on_timeout()
         self.transport.close()
 
 
@@ -81,11 +85,14 @@ def _peer(transport: asyncio.Transport) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "client"
 
 
-def uvicorn_config(app: Any, timeout_s: float, max_queue: int, grace: float, **options: Any) -> Any:
-    """uvicorn.Config for `app`: the header deadline at `timeout_s`, a connection allowance above the queue's."""
+def uvicorn_config(app: Any, timeout_s: float, max_queue: int, grace: float,
+                   on_timeout: Callable[[], None] | None = None, **options: Any) -> Any:
+    """uvicorn.Config for `app`: the header deadline at `timeout_s` (`on_timeout` called on each 408 it sends),
+    a connection allowance above the queue's."""
     import uvicorn
 
-    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout_s})
+    hook = staticmethod(on_timeout) if on_timeout is not None else None
+    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout_s, "on_timeout": hook})
     settings: dict[str, Any] = {"log_config": None, "log_level": "warning", "access_log": False,
                                 "timeout_graceful_shutdown": grace, "server_header": False,
                                 "limit_concurrency": max(2 * max_queue, max_queue + 32), **options}

@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from ..errors import VggspecError
+from ..limits import MAX_LR, MAX_WEIGHT_DECAY
 
 # Options a resumed run may change: how it runs, not what it computes.
 RESUMABLE_OVERRIDES = ("epochs", "workers", "threads", "save_every", "compile", "progress", "data", "device")
@@ -53,9 +54,11 @@ class TrainConfig:
         option; --weights and --init-from are two ways to start, so both at once is refused too."""
         for option, value, ok, need in (
             # 0 as torch allows (the weights stay as they start); the CLI asks for more than 0, as a typo is likelier.
-            ("--lr", self.lr, self.lr >= 0, "a learning rate above 0, e.g. 0.01 (0.001 to fine-tune)"),
+            ("--lr", self.lr, 0 <= self.lr <= MAX_LR,
+             f"a learning rate above 0 and at most {MAX_LR:g}, e.g. 0.01 (0.001 to fine-tune)"),
             ("--momentum", self.momentum, 0 <= self.momentum < 1, "a momentum from 0 to below 1, e.g. 0.9"),
-            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "a weight decay of 0 or more, e.g. 5e-4"),
+            ("--weight-decay", self.weight_decay, 0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
+             f"a weight decay from 0 to {MAX_WEIGHT_DECAY:g}, e.g. 5e-4"),
             ("--lighting", self.lighting, self.lighting >= 0, "a lighting std of 0 (off) or more, e.g. 0.1"),
         ):
             if not (math.isfinite(value) and ok):
