@@ -691,6 +691,28 @@ def test_bad_requests_get_one_plain_json_line(server, files, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no internal error, no traceback
 
 
+def test_a_bug_is_a_500_logged_once_with_its_traceback(files, monkeypatch, caplog):
+    import logging
+
+    from vggspec.serve import app as serve_app
+
+    def broken(request):
+        raise ZeroDivisionError("a bug, not the client's mistake")
+
+    monkeypatch.setattr(serve_app, "_served_name", broken)
+    s = Server([f"t={files['std']}"], Settings())
+    try:
+        caplog.set_level(logging.INFO)
+        status, headers, out = s.request("POST", "/v2/models/t/infer", b"{}")
+        assert status == 500 and json.loads(out) == {"error": "internal error"}  # nothing internal echoed
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info and "internal error on POST" in errors[0].getMessage()
+        assert 'route="/v2/models/{name}/infer",status="500"} 1.0' in s.request("GET", "/metrics")[2].decode()
+        assert s.request("GET", "/v2/health/ready")[0] == 200  # the server goes on
+    finally:
+        s.stop()
+
+
 # ---------------------------------------------------------------- MODEL forms: checkpoint, ensemble, two forms
 
 

@@ -125,11 +125,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error(500, "internal error")
-
-
 # ---------------------------------------------------------------- bodies and jobs
 
 
@@ -378,7 +373,8 @@ def routes() -> list[Any]:
 
 class AccessLog:
     """ASGI middleware, the outermost: one log line and the metrics of every request, CORS preflights and
-    refusals included."""
+    refusals included; a bug's exception is logged once, with its traceback, and answered 500 here (Starlette's
+    own handler would re-raise it to uvicorn, which logs it a second time)."""
 
     def __init__(self, app: Any, state: State, table: list[Any]) -> None:
         self.app, self.state, self.table = app, state, table
@@ -388,7 +384,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = [500]
+        status = [0]  # the response's status once it has started
 
         async def tracked(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -397,8 +393,13 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.error("internal error on %s %s", scope["method"], oip._short(scope["path"], 200), exc_info=exc)
+            if status[0] == 0:  # nothing sent yet: the client learns it failed, never why
+                await error(500, "internal error")(scope, receive, tracked)
+            status[0] = 500
         finally:
-            self._record(scope, status[0], time.perf_counter() - start)
+            self._record(scope, status[0] or 500, time.perf_counter() - start)
 
     def _record(self, scope: dict, status: int, seconds: float) -> None:
         model, route = self._route(scope)
@@ -484,7 +485,7 @@ def create_app(registry: Registry, settings: Settings, metrics: Metrics | None =
                                      expose_headers=[oip.HEADER]))
     if settings.api_key:
         middleware.append(Middleware(KeyCheck, key=settings.api_key))
-    handlers = {RequestError: _request_error, HTTPException: _http_error, Exception: _internal_error}
+    handlers = {RequestError: _request_error, HTTPException: _http_error}
     app = Starlette(routes=table, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.vggspec = state
     return app
