@@ -477,9 +477,7 @@ def create_app(registry: Registry, settings: Settings, metrics: Metrics | None =
 
     middleware = [Middleware(AccessLog, state=state, table=table)]  # outermost first
     if settings.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+        middleware.append(Middleware(_cors_middleware(), allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "X-API-Key", "Content-Type", oip.HEADER],
                                      expose_headers=[oip.HEADER]))
@@ -489,6 +487,21 @@ def create_app(registry: Registry, settings: Settings, metrics: Metrics | None =
     app = Starlette(routes=table, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.vggspec = state
     return app
+
+
+def _cors_middleware() -> type:
+    """Starlette's CORSMiddleware, whose refused preflight (plain text there) is a JSON error like every other."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    class JsonCORS(CORSMiddleware):
+        def preflight_response(self, request_headers: Any) -> Response:
+            response = super().preflight_response(request_headers)
+            if response.status_code < 400:
+                return response
+            keep = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return error(response.status_code, bytes(response.body).decode("utf-8", "replace"), keep)
+
+    return JsonCORS
 
 
 def _reload_all(registry: Registry) -> None:
