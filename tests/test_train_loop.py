@@ -112,7 +112,11 @@ def test_init_from_a_shallower_net(tmp_path: Path, folder: Path) -> None:
     assert b["conv1_2.weight"].shape == (4, 4, 3, 3)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, folder: Path) -> None:
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, folder: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from vggspec.train import config as train_config
+
+    monkeypatch.setattr(train_config, "MAX_LR", float("inf"))  # the bound refuses 1e30: here it must overflow
     spec = tiny_spec(tmp_path / "tiny.vgg")
     with pytest.raises(TrainingError, match="the loss became (nan|inf).*last good checkpoint"):
         train(config(spec, folder, tmp_path / "run", lr=1e30, save_every=1, epochs=2))
@@ -475,7 +479,11 @@ def test_cli_prints_the_mean_note_and_help_says_it(tmp_path: Path, folder: Path)
     assert "the spec's `mean:` when it sets one" in help_text and "training set's mean" in help_text
 
 
-def test_a_failed_run_leaves_no_folder_it_created(tmp_path: Path, folder: Path) -> None:
+def test_a_failed_run_leaves_no_folder_it_created(tmp_path: Path, folder: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from vggspec.train import config as train_config
+
+    monkeypatch.setattr(train_config, "MAX_LR", float("inf"))  # lr 1e30 below: a loss that overflows
     spec = tiny_spec(tmp_path / "tiny.vgg")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
