@@ -495,7 +495,12 @@ def trend(description: str, worse: Arm, better: Arm, seeds: tuple[int, ...],
         out[f"{measure}_per_seed"] = {worse.label: [round(scale * x, 3) for x in w.mean(axis=1)],
                                       better.label: [round(scale * x, 3) for x in b.mean(axis=1)]}
     t = out["top1"]
-    out |= {"verdict": t["verdict"], "holds": t["verdict"] == stats.HOLDS, "difference": t["diff"], "se": t["se"],
+    verdict = t["verdict"]
+    untrained = [a.label for a in (worse, better) if float(a.loss("top1").mean()) > TRAINED_BELOW]
+    if untrained:  # two nets at chance are "equivalent", and a net at chance "loses": neither says a thing
+        verdict = stats.INCONCLUSIVE
+        out["untrained"] = untrained
+    out |= {"verdict": verdict, "holds": verdict == stats.HOLDS, "difference": t["diff"], "se": t["se"],
             "interval": [t["low"], t["high"]], "errors": out["top1_per_seed"], "kind": "equivalence" if equivalence
             else "directional"}
     return out
@@ -738,7 +743,9 @@ def report(section: Section, results: dict[str, Any], plan: Plan) -> None:
                     detail=f"{t['description']}: top-1 difference {top1['diff']:+.2f} pp, 95 % [{top1['low']:+.2f}, "
                            f"{top1['high']:+.2f}], SE {top1['se']:.2f} (seeds {top1['se_seed']}, scans "
                            f"{top1['se_scan']}); NLL {nll['diff']:+.3f} [{nll['low']:+.3f}, {nll['high']:+.3f}] "
-                           f"{nll['verdict']}{margin}")
+                           f"{nll['verdict']}{margin}" + (
+                               f"; NO VERDICT: {' and '.join(t['untrained'])} did not train (mean test top-1 over "
+                               f"{100 * TRAINED_BELOW:.0f} %)" if t.get("untrained") else ""))
     h, c, ch = results["heatmap"], results["cli_check"], results["choices"]
     section.add("heat map: top score cell inside the digit's box", f"{h['hit_rate']:.0f} %",
                 detail=f"jittered D seed {seeds[0]}, Q={HEAT_Q}, {h['images']} test scenes; chance {h['chance']:.0f} %")

@@ -80,8 +80,9 @@ def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
                 post[f"{kind}@{q}"] = e / e.sum(axis=1, keepdims=True)
         return paper.Parts(post, targets, scans)
 
-    skills = {"A": 1, "A-raw": 1, "A-LRN-raw": 1, "B": 2, "C": 2.5, "D": 3, "E": 3, "D-tune": 3, "D-jit": 4,
-              "E-jit": 4}
+    # A-raw and A-LRN-raw untrained (skill 0: chance), as the no-batch-norm nets of 2026-12-05 stayed
+    skills = {"A": 2.5, "A-raw": 0, "A-LRN-raw": 0, "B": 3, "C": 3.3, "D": 4.5, "E": 4.5, "D-tune": 4.5, "D-jit": 5,
+              "E-jit": 5}
     test = {s: {k: fake(k, v) for k, v in skills.items()} for s in (0, 1, 2)}
     val = {s: {k: test[s][k] for k in paper.FUSION_CANDIDATES} for s in (0, 1, 2)}
     fusion = paper.choose_fusion(val, test)
@@ -94,6 +95,9 @@ def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
         assert len(t["interval"]) == 2 and t["seeds"] == [0, 1, 2]
     assert trends["depth_helps"]["a_vs_d"]["verdict"] == "holds"  # skill 1 against 3 on 120 images
     assert trends["lrn_no_gain"]["kind"] == "equivalence" and "margin" in trends["lrn_no_gain"]["top1"]
+    # Two nets at chance are as good as each other: that says nothing, and the verdict says so.
+    assert trends["lrn_no_gain"]["verdict"] == "inconclusive"
+    assert trends["lrn_no_gain"]["untrained"] == ["A-LRN-raw dense Q=73", "A-raw dense Q=73"]
     assert all(len(f["pair"]) == 2 for f in fusion.values())
     png = tmp_path / "forest.png"
     paper.forest_figure(trends, png)
