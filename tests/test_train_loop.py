@@ -368,7 +368,7 @@ def test_the_plateau_schedule_waits_for_the_loss_to_leave_chance(tmp_path: Path)
     trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, mode="max", factor=0.1,
                                                                    patience=1)
     trainer.config = SimpleNamespace(patience=1)
-    trainer.epochs_at_chance, trainer.said_waits = 0, False
+    trainer.epochs_at_chance = 0
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(6):

@@ -207,7 +207,7 @@ class Trainer:
         self.progress, self.saved_step = Progress(), 0
         self.at_chance, self.said_stuck = 0, False  # steps in a row with the loss at ln(classes)
         self.below_chance, self.said_left = 0, False  # steps in a row under that band, once said stuck
-        self.epochs_at_chance, self.said_waits = 0, False  # epochs the plateau schedule waited, and its note
+        self.epochs_at_chance = 0  # epochs the plateau schedule waited for the loss to leave chance
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
         self.net = self._wrap()  # DDP across processes, torch.compile
@@ -652,8 +652,7 @@ class Trainer:
             self.scheduler.step(val_accuracy)
             return
         self.epochs_at_chance += 1
-        if self.epochs_at_chance > self.config.patience and not self.said_waits and self.world.main:
-            self.said_waits = True
+        if self.epochs_at_chance == self.config.patience + 1 and self.world.main:  # once: the count only grows
             warnings.warn(TrainingNote(f"the training loss has been at chance, ln {self.graph.meta.classes}, for "
                                        f"{self.epochs_at_chance} epochs: the learning rate stays at "
                                        f"{self.optimizer.param_groups[0]['lr']:g}, since the plateau schedule "
