@@ -59,26 +59,22 @@ def _model(cfg: Config, name: str, spec: str, overrides: tuple[str, ...]) -> Pat
 class Served:
     """`vggspec serve` in a child process on a free 127.0.0.1 port."""
 
-    def __init__(self, model: Path, threads: int, max_batch: int, delay_ms: float) -> None:
+    def __init__(self, model: Path, threads: int, max_batch: int, delay_ms: float, log: Path) -> None:
         args = [sys.executable, "-m", "vggspec", "serve", f"m={model}", "--port", "0", "--device", "cpu",
                 "--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(delay_ms),
                 "--max-queue", "256", "--timeout-s", "300"]
-        self.proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        if "http://127.0.0.1:" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"the server did not start: {line}")
-        self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        # The access log goes to stderr: drain it so the pipe never fills and stalls the server.
-        import threading
-
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for _ in self.proc.stderr:
-            pass
+        # The access log (a line per request) goes to a file, never to a pipe: a pipe this process failed to
+        # drain in time would block the server's logging, and with it the server's event loop.
+        self.log = log
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stderr=err, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while (found := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the server did not start: {log.read_text()[-500:]}")
+            time.sleep(0.05)
+        self.port = int(found.group(1))
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -115,19 +111,33 @@ class Load:
     errors: int
 
 
+# A request unanswered this long counts as a stall (an error) and its client stops: the benchmark never hangs.
+# (A run of 2026-12-06 hung for over 20 minutes with 14 clients waiting, and was never reproduced since.)
+STALL_S = 30.0
+
+
 async def _client(port: int, request: bytes, start: float, stop: float, done: list[tuple[float, float]],
-                  errors: list[int]) -> None:
+                  errors: list[str]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def exchange() -> bytes:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        match = LENGTH.search(head)
+        await reader.readexactly(int(match.group(1)) if match else 0)
+        return head
+
     try:
         while time.perf_counter() < stop:
             sent = time.perf_counter()
-            writer.write(request)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            match = LENGTH.search(head)
-            await reader.readexactly(int(match.group(1)) if match else 0)
+            try:
+                head = await asyncio.wait_for(exchange(), STALL_S)
+            except asyncio.TimeoutError:
+                errors.append(f"stalled {STALL_S:g} s")
+                return
             if not head.startswith(b"HTTP/1.1 200"):
-                errors.append(1)
+                errors.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
                 continue
             done.append((sent, time.perf_counter()))
     finally:
@@ -139,10 +149,12 @@ async def _load(port: int, request: bytes, concurrency: int, seconds: float, war
     start = time.perf_counter()
     stop = start + warmup + seconds
     done: list[tuple[float, float]] = []
-    errors: list[int] = []
+    errors: list[str] = []
     await asyncio.gather(*(_client(port, request, start, stop, done, errors) for _ in range(concurrency)))
     window = [(s, e) for s, e in done if start + warmup <= e <= stop]
     lat = sorted((e - s) * 1000 for s, e in window) or [float("nan")]
+    if errors:
+        print(f"   serve: {len(errors)} failed requests at concurrency {concurrency}, e.g. {errors[0]!r}", flush=True)
     return Load(concurrency, len(window) / seconds, statistics.median(lat),
                 lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(errors))
 
@@ -166,7 +178,11 @@ def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: in
                    warmup: float, soak_s: float, rounds: int) -> None:
     x = np.random.default_rng(0).normal(size=(1, 3, hw, hw)).astype(np.float32)
     request, request8 = infer_request(x), infer_request(np.repeat(x, 8, axis=0))
-    servers = {"batched": Served(path, cfg.threads, 8, 5.0), "unbatched": Served(path, cfg.threads, 1, 0.0)}
+    logs = cfg.path("serve-logs")
+    logs.mkdir(exist_ok=True)
+    slug = label.replace(" ", "-")
+    servers = {"batched": Served(path, cfg.threads, 8, 5.0, logs / f"{slug}-batched.log"),
+               "unbatched": Served(path, cfg.threads, 1, 0.0, logs / f"{slug}-unbatched.log")}
     try:
         for server in servers.values():
             asyncio.run(_load(server.port, request, 2, 0.5, 0.0))  # sessions warm
