@@ -410,7 +410,8 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     """The schedule (plateau patience), the no-batch-norm learning rate and the test variant, chosen on
     validation with PILOT_SEED: A at each patience and the no-batch-norm A at each rate on the first (hardest)
     variant, side by side; then A -> D -> jittered D on each variant in turn, hardest first, until one trains
-    (its jittered D under the test protocol on validation errs <= TRAINED_BELOW): that one is the test variant."""
+    (its A, and its jittered D under the test protocol, err <= TRAINED_BELOW on validation): that is the test
+    variant. A variant whose A did not learn is not tried further (every arm starts from A)."""
     first = make_data(cfg, plan, plan.variants[0])
     a_by_p = {p: Job(f"pilot-A-p{p}", "A", PILOT_SEED, first, SETS_BN, str(S_FIXED), plan.scratch_epochs, p)
               for p in PATIENCE}
@@ -422,10 +423,16 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     raw_val = {lr: val_error(j, root, code, plan) for lr, j in raw_by_lr.items()}
     lrn_lr = min(LRN_LR, key=lambda lr: (raw_val[lr], -lr))
     best_val: dict[str, float] = {}
+    a_err: dict[str, float] = {}
     variant = ""
     for v in plan.variants:
         data = make_data(cfg, plan, v)
         a = a_by_p[patience] if data == first else replace(a_by_p[patience], name=f"pilot-A-{v}", data=data)
+        run_graph([a], lambda j, t: train(j, root, code, t), plan.jobs)
+        a_err[v] = val_error(a, root, code, plan)
+        if a_err[v] > TRAINED_BELOW and not cfg.quick:  # A is where B-E start: without it no arm trains either
+            best_val[v] = float("nan")
+            continue
         d = Job(f"pilot-D-{v}", "D", PILOT_SEED, data, SETS_BN, str(S_FIXED), plan.epochs, patience, parent=a,
                 init="--init-from")
         jit = Job(f"pilot-D-jit-{v}", "D", PILOT_SEED, data, SETS_BN, f"{JITTER[0]}:{JITTER[1]}", plan.tune_epochs,
@@ -436,8 +443,8 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
             variant = v
             break
     if not variant:
-        seen = ", ".join(f"{v} {100 * e:.1f} %" for v, e in best_val.items())
-        raise RuntimeError(f"the pilot's jittered D did not learn on any variant (validation error {seen}; chance "
+        seen = ", ".join(f"{v}: A {100 * a_err[v]:.1f} %, jittered D {100 * e:.1f} %" for v, e in best_val.items())
+        raise RuntimeError(f"the pilot's A or jittered D did not learn on any variant (validation error {seen}; chance "
                            f"90 %, trained means <= {100 * TRAINED_BELOW:.0f} %): the arms would train at chance. "
                            "Raise the training budget (plan.train scenes, epochs) before the arms are run.")
     curves = {f"pilot A, patience {p}": run_dir(j, root, code) for p, j in a_by_p.items()}
@@ -445,7 +452,9 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     return {"patience": patience, "a_val_err_by_patience": {str(p): round(100 * e, 2) for p, e in a_val.items()},
             "lrn_lr": lrn_lr, "raw_a_val_err_by_lr": {f"{lr:g}": round(100 * e, 2) for lr, e in raw_val.items()},
             "raw_a_trains": raw_val[lrn_lr] < LRN_TRAINS_BELOW, "variant": variant,
-            "variant_options": VARIANTS[variant], "best_val_err_by_variant": {v: round(100 * e, 2)
+            "variant_options": VARIANTS[variant], "pilot_a_val_err_by_variant": {v: round(100 * e, 2)
+                                                                               for v, e in a_err.items()},
+            "best_val_err_by_variant": {v: round(100 * e, 2) if e == e else None
                                                                              for v, e in best_val.items()},
             "variant_meets_difficulty": best_val[variant] >= DIFFICULTY, "data": make_data(cfg, plan, variant),
             "curves": curves}
@@ -789,7 +798,8 @@ def report(section: Section, results: dict[str, Any], plan: Plan) -> None:
         f"{ch['a_val_err_by_patience']}), the no-batch-norm rate {ch['lrn_lr']} (A without batch norm, val error "
         f"by rate: {ch['raw_a_val_err_by_lr']} %; trains: {ch['raw_a_trains']}), and the test variant "
         f"'{ch['variant']}' ({ch['variant_options']}; the pilot's "
-        f"jittered D under the test protocol on validation: {ch['best_val_err_by_variant']} %, aim >= "
+        f"A on validation: {ch['pilot_a_val_err_by_variant']} %; its jittered D under the test protocol on "
+        f"validation, where A learnt: {ch['best_val_err_by_variant']} %, aim >= "
         f"{100 * DIFFICULTY:.0f} %{'' if ch['variant_meets_difficulty'] else ', NOT met by any variant'}). Best "
         f"test top-1 of any row: {results['best_test_top1']:.1f} % (the aim: >= 10 %).",
         f"{plan.train} training scenes; lr 1e-2, batch 32, momentum 0.9, weight decay 5e-4; A from random weights "
