@@ -18,7 +18,7 @@ How a verdict is reached (issue 21):
 - a cached training counts only with its success marker, under a key holding the command, the git commit of
   vggspec/ (and a hash of uncommitted changes there), the data set's hash and the upstream checkpoints' hashes.
 
-Run: `.venv/bin/python -m benchmarks --only paper` (planned at about 88 minutes on 2 cores; resumable: run it
+Run: `.venv/bin/python -m benchmarks --only paper` (93 minutes on 2 cores on 2026-12-06; resumable: run it
 again after an interruption) or `--quick` (a smoke run of every code path, within 10 minutes, whose figures
 mean nothing). The full run writes benchmarks/paper.json, this section of RESULTS.md and its pictures; the quick
 run writes only under its cache folder (paper-quick/report.md).
@@ -845,7 +845,7 @@ def forest_figure(trends: dict[str, Any], out: Path) -> str:
         ax.set_yticks(range(len(keys)))
         ax.set_yticklabels(list(reversed(keys)) if col == 0 else [""] * len(keys), fontsize=9)
         ax.set_xlabel(f"{unit} (worse arm - better arm: > 0 is the paper's way)", fontsize=9)
-    fig.suptitle("Section 8 trends: mean paired difference over seeds, 95 % interval (seeds and scans); "
+    fig.suptitle("Section 8 trends: mean paired difference over seeds, 95 % interval (seeds and scans);\n"
                  "green holds, red contradicts, grey inconclusive or an arm untrained; blue: equivalence margin",
                  fontsize=9)
     fig.tight_layout()
