@@ -97,7 +97,6 @@ LRN_LR = (0.001, 0.0001)
 COST = {"A": 0.0021, "A-LRN": 0.0032, "B": 0.0033, "C": 0.0036, "D": 0.0037, "E": 0.0040}
 RAW_COST = 0.0018  # A without batch norm
 JITTER_COST = 1.15
-START_S = 0.0
 PAPER = {  # the paper's figures (top-1 validation error, %), for the table
     "A": 29.6, "A-LRN": 29.7, "B": 28.7, "C": 28.1, "D": 27.0, "E": 27.3, "D-jit": 25.6, "E-jit": 25.5}
 
@@ -321,7 +320,7 @@ def run_graph(jobs: list[Job], work: Callable[[Job, int], Any], slots: int) -> d
 
 def _cost(job: Job) -> float:
     per = RAW_COST if job.sets == SETS_RAW and job.config == "A" else COST[job.config]
-    return START_S + per * (JITTER_COST if job.init == "--weights" else 1.0) * job.epochs * job.data.train
+    return per * (JITTER_COST if job.init == "--weights" else 1.0) * job.epochs * job.data.train
 
 
 def plan_seconds(plan: Plan, raw_arms: bool = True) -> dict[str, float]:
@@ -425,8 +424,9 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     best_val: dict[str, float] = {}
     a_err: dict[str, float] = {}
     variant = ""
+    datas: dict[str, Data] = {}
     for v in plan.variants:
-        data = make_data(cfg, plan, v)
+        data = datas[v] = make_data(cfg, plan, v)
         a = a_by_p[patience] if data == first else replace(a_by_p[patience], name=f"pilot-A-{v}", data=data)
         run_graph([a], lambda j, t: train(j, root, code, t), plan.jobs)
         a_err[v] = val_error(a, root, code, plan)
@@ -456,7 +456,7 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
                                                                                for v, e in a_err.items()},
             "best_val_err_by_variant": {v: round(100 * e, 2) if e == e else None
                                                                              for v, e in best_val.items()},
-            "variant_meets_difficulty": best_val[variant] >= DIFFICULTY, "data": make_data(cfg, plan, variant),
+            "variant_meets_difficulty": best_val[variant] >= DIFFICULTY, "data": datas[variant],
             "curves": curves}
 
 
