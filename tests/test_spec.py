@@ -44,6 +44,27 @@ def test_batch_norm_and_dropout_headers():
     assert not g.of_op("dropout")
 
 
+def test_norm_except_leaves_named_convolutions_without_batch_norm():
+    # The LRN comparison's setting: an LRN after an un-normalised conv1_1 sees the input's own scale.
+    g = vggspec.load_spec("A-LRN", ("norm=batch", "norm_except=conv1_1"))
+    names = [x.name for x in g.layers]
+    assert names[:7] == ["input", "conv1_1", "relu1_1", "norm1", "pool1", "conv2_1", "bn2_1"]
+    assert len(g.of_op("bn")) == len(g.of_op("conv")) - 1 and g.meta.norm_except == ("conv1_1",)
+    both = vggspec.load_spec("A", ("norm=batch", "norm_except=conv2_1, conv1_1"))
+    assert {x.name for x in both.of_op("bn")} == {"bn3_1", "bn3_2", "bn4_1", "bn4_2", "bn5_1", "bn5_2"}
+
+
+def test_norm_except_errors_are_located():
+    (found,) = errors(SMALL, ("norm=batch", "norm_except=conv9_1"))
+    assert found.startswith("<--set>:2:13: error: norm_except names conv9_1, which this spec does not have")
+    (found,) = errors(SMALL, ("norm_except=conv1_1",))
+    assert "norm_except without norm: batch" in found and "add norm: batch" in found
+    (found,) = errors(SMALL, ("norm=batch", "norm_except=bn1_1"))
+    assert "'bn1_1' is not a convolution's name" in found
+    (found,) = errors("norm: batch\nnorm_except: conv3_1\n" + SMALL)
+    assert found.startswith("t.vgg:2:14: error: norm_except names conv3_1")
+
+
 def test_set_classes_adapts_the_last_fc():
     g = vggspec.load_spec("D", ("classes=10",))
     assert g.layer("fc8").out_shape == (10,) and g.meta.classes == 10

@@ -218,6 +218,26 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path, folder: Path) -> None:
     assert again.exit_code == 0 and "epoch 2" in again.output, again.output
 
 
+def test_lr_steps_cut_the_rate_after_the_named_epochs_and_survive_a_resume(tmp_path: Path, folder: Path) -> None:
+    from vggspec.cli import main
+
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    run = tmp_path / "run"
+    args = ["train", str(spec), "--data", str(folder), "--batch-size", "8", "--workers", "0", "--scale", "10",
+            "--no-progress", "--lr", "0.05", "--lr-steps", "1,3"]
+    assert CliRunner().invoke(main, [*args, "--epochs", "2", "-o", str(run)]).exit_code == 0
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "4", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
+    for bad in ("3,1", "0", "x", "1,1"):
+        result = CliRunner().invoke(main, [*args[:-1], bad, "-o", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and "--lr-steps" in result.output and "Traceback" not in result.output
+    with pytest.raises(VggspecError, match="--lr-steps 2,2 is not a rising list"):
+        train(config(spec, folder, tmp_path / "lib", lr_steps=(2, 2)))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "lib").exists()
+
+
 def test_a_trained_model_is_tested_as_it_was_trained(tmp_path: Path, folder: Path) -> None:
     """Training records its scale range and flip policy; export makes them the model's test scales (the paper's
     Q set for a jittered S) and flip; eval takes them by default and says so (issue 23: 17.9 % against 7.3 %)."""
@@ -367,7 +387,7 @@ def test_the_plateau_schedule_waits_for_the_loss_to_leave_chance(tmp_path: Path)
     trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, mode="max", factor=0.1,
                                                                    patience=1)
-    trainer.config = SimpleNamespace(patience=1)
+    trainer.config = SimpleNamespace(patience=1, lr_steps=())
     trainer.epochs_at_chance = 0
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -36,6 +36,16 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(exc.message) from None
 
 
+def _lr_steps(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    text = (value or "").replace(",", " ").split()
+    if not all(t.isdigit() and len(t) <= 6 for t in text):
+        raise click.BadParameter(f"'{value}' is not a list of epochs, e.g. 15,18")
+    steps = tuple(int(t) for t in text)
+    if any(e < 1 for e in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise click.BadParameter(f"'{value}' is not a rising list of epochs from 1, e.g. 15,18")
+    return steps
+
+
 @click.command(epilog=examples(
     "vggspec train examples/digits.vgg --data data/digits -o runs/digits --batch-size 32 --epochs 15",
     "vggspec train D --data imagenet/ --scale 256:512 --weights runs/d384/model.safetensors --lr 1e-3",
@@ -61,6 +71,9 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Epochs without a better val accuracy before the rate is divided by 10 "
                    f"(at most {DEFAULTS['max_decreases']} times), counted once the training loss has left "
                    "chance.")
+@click.option("--lr-steps", callback=_lr_steps, metavar="E1,E2,...", default=None,
+              help="A fixed schedule instead: divide the rate by 10 after each of these epochs (e.g. 15,18); "
+                   "--patience is then unused.")
 @click.option("--init-from", metavar="CKPT", default=DEFAULTS["init_from"],
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
 @click.option("--weights", metavar="CKPT", default=DEFAULTS["weights"],

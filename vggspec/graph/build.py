@@ -42,6 +42,7 @@ def build(tree: SpecTree) -> LayerGraph:
         sink.error(_span_of(exc.layer), str(exc), exc.hint)
     else:
         _check_size(layers, sink)
+    _check_norm_except(tree, layers, sink)
     classes = _check_classes(tree, layers, sink)
     labels = _read_labels(tree, classes, sink)
     sink.raise_if_any()
@@ -50,6 +51,7 @@ def build(tree: SpecTree) -> LayerGraph:
         input_shape=(c, h, w),
         classes=classes,
         norm=header.norm,
+        norm_except=header.norm_except,
         dropout=header.dropout,
         init=header.init,
         width=header.width,
@@ -115,7 +117,7 @@ def _conv(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
     attrs = {"kernel": token.kernel, "out_channels": scaled(token.channels, ex.header.width),
              "padding": token.kernel // 2, "stride": 1}
     ex.add(name, "conv", attrs, loc)
-    if ex.header.norm == "batch":
+    if ex.header.norm == "batch" and name not in ex.header.norm_except:
         ex.add(f"bn{suffix}", "bn", {"eps": 1e-5, "momentum": 0.1}, loc)
     ex.add(f"relu{suffix}", "relu", {}, loc)
     return True
@@ -249,6 +251,24 @@ def _read_labels(tree: SpecTree, classes: int, sink: DiagnosticSink) -> tuple[st
     if target is not sink:
         sink.diagnostics.extend(target.diagnostics)
     return labels
+
+
+def _check_norm_except(tree: SpecTree, layers: list[Layer], sink: DiagnosticSink) -> None:
+    """`norm_except` names convolutions of this spec, and means something only under `norm: batch`."""
+    entry = tree.entries.get("norm_except")
+    if entry is None or tree.header is None or not tree.header.norm_except:
+        return
+    target = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides)) if entry.origin == OVERRIDE_PATH else sink
+    convs = [layer.name for layer in layers if layer.op == "conv"]
+    missing = [n for n in tree.header.norm_except if n not in convs]
+    if tree.header.norm != "batch":
+        target.error(entry.value_span, "norm_except without norm: batch leaves nothing out",
+                     "add norm: batch, or drop norm_except")
+    elif missing:
+        target.error(entry.value_span, f"norm_except names {missing[0]}, which this spec does not have",
+                     f"its convolutions are {', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}")
+    if target is not sink:
+        sink.diagnostics.extend(target.diagnostics)
 
 
 def _classes_override(tree: SpecTree) -> int | None:

@@ -20,6 +20,7 @@ class GraphMeta:
     input_shape: tuple[int, int, int]  # C, H, W of the spec (the training size)
     classes: int
     norm: str = "none"
+    norm_except: tuple[str, ...] = ()  # convolutions without batch norm under norm "batch"
     dropout: float = 0.5
     init: str = "paper"
     width: float = 1.0  # the header's channel multiplier, already applied to the layers

@@ -130,6 +130,15 @@ def _positive_numbers(text: str) -> tuple[float, ...]:
     return values
 
 
+def _conv_names(text: str) -> tuple[str, ...]:
+    names = tuple(text.replace(",", " ").split())
+    bad = [n for n in names if not re.fullmatch(r"conv[0-9]{1,4}_[0-9]{1,4}", n)]
+    if bad or not names:
+        raise HeaderValueError(f"'{shorten(bad[0] if bad else text)}' is not a convolution's name",
+                               "name convolutions as the summary does, e.g. conv1_1 or conv1_1,conv2_1")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class KeySpec:
     parse: Callable[[str], Any]
@@ -141,6 +150,8 @@ KEYS: dict[str, KeySpec] = {
     "input": KeySpec(_input, "input size HxWxC, e.g. 224x224x3"),
     "classes": KeySpec(_positive_int, "number of classes; must equal the last FC's outputs"),
     "norm": KeySpec(_choice("none", "batch"), "batch: batch norm after every convolution"),
+    "norm_except": KeySpec(_conv_names, "under norm: batch, convolutions left without it, e.g. conv1_1 "
+                                        "(an LRN after it then sees the input's own scale)"),
     "dropout": KeySpec(_probability, "dropout after each hidden FC layer (0 for none)"),
     "init": KeySpec(_choice("paper", "xavier", "kaiming"), "weight initialisation scheme"),
     "width": KeySpec(_width, "multiplier of every conv's channels and hidden FC's outputs, e.g. 1/8"),

@@ -36,6 +36,7 @@ class Header:
     input: tuple[int, int, int]  # height, width, channels
     classes: int | None = None
     norm: str = "none"
+    norm_except: tuple[str, ...] = ()
     dropout: float = 0.5
     init: str = "paper"
     width: float = 1.0

@@ -33,6 +33,7 @@ class TrainConfig:
     epochs: int = 74
     patience: int = 5
     max_decreases: int = 3
+    lr_steps: tuple[int, ...] = ()  # epochs after which the rate is divided by 10; empty: the plateau schedule
     init_from: str | None = None
     weights: str | None = None
     seed: int = 0
@@ -63,6 +64,10 @@ class TrainConfig:
         ):
             if not (math.isfinite(value) and ok):
                 raise VggspecError(f"{option} {value} is out of range", hint=f"use {need}")
+        steps = self.lr_steps
+        if any(e < 1 for e in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise VggspecError(f"--lr-steps {','.join(map(str, steps))} is not a rising list of epochs",
+                               hint="use epochs from 1 up, each later than the one before, e.g. 15,18")
         if self.weights and self.init_from:
             raise VggspecError("--weights and --init-from are alternatives: both say where the weights start",
                                hint="--weights to fine-tune a net of this spec, --init-from to start a deeper net "
@@ -71,6 +76,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sets"], d["scale"] = list(self.sets), list(self.scale) if self.scale else None
+        d["lr_steps"] = list(self.lr_steps)
         return d
 
     @classmethod
@@ -79,6 +85,7 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         d["sets"] = tuple(d.get("sets", ()))
         d["scale"] = tuple(d["scale"]) if d.get("scale") else None
+        d["lr_steps"] = tuple(d.get("lr_steps", ()))
         return cls(**d)
 
 

@@ -2,8 +2,8 @@
 
 SGD with momentum and weight decay, a global batch built from gradient-accumulation micro-batches
 (and split over DDP ranks), the learning rate divided by 10 when validation accuracy stops improving
-(at most `max_decreases` times), checkpoints every epoch and every `save_every` steps, and a clean stop
-on a non-finite loss.
+(at most `max_decreases` times) or after the epochs `lr_steps` names, checkpoints every epoch and every
+`save_every` steps, and a clean stop on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -229,6 +229,8 @@ class Trainer:
         c = self.config
         optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                     weight_decay=c.weight_decay)
+        if c.lr_steps:  # stepped once per epoch: milestone e divides the rate for epochs e + 1 on
+            return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(c.lr_steps), gamma=0.1)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=0.1, patience=c.patience,
             min_lr=c.lr * 0.1 ** c.max_decreases)  # the floor caps the number of decreases
@@ -643,10 +645,14 @@ class Trainer:
         return row
 
     def _schedule(self, train_loss: float, val_accuracy: float) -> None:
-        """lr / 10 on a plateau of the val accuracy, counted only once the epoch's training loss has left chance:
+        """With `lr_steps`, lr / 10 after the epochs it names. Otherwise lr / 10 on a plateau of the val
+        accuracy, counted only once the epoch's training loss has left chance:
         a net that has not started to learn shows a flat val accuracy, and dividing its rate there keeps it at
         chance (measured: narrow A on scenes sat at chance for 7 epochs, the plateau cut its rate twice, and it
         ended at 89 % error). Said once, when a plain plateau schedule would have cut the rate by now."""
+        if self.config.lr_steps:  # a fixed schedule: it cuts where it was told, learning or not
+            self.scheduler.step()
+            return
         chance, band = self._chance()
         if abs(train_loss - chance) > band:
             self.scheduler.step(val_accuracy)
