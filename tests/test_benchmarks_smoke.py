@@ -62,6 +62,8 @@ def test_a_partial_run_refreshes_only_its_rows_of_the_targets_table(tmp_path) ->
 
 def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
     """Section 8's bookkeeping without training: every trend, the fusion choice and the forest plot."""
+    from dataclasses import replace
+
     import numpy as np
 
     from benchmarks import paper
@@ -80,8 +82,8 @@ def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
                 post[f"{kind}@{q}"] = e / e.sum(axis=1, keepdims=True)
         return paper.Parts(post, targets, scans)
 
-    # A-raw and A-LRN-raw untrained (skill 0: chance), as the no-batch-norm nets of 2026-12-05 stayed
-    skills = {"A": 2.5, "A-raw": 0, "A-LRN-raw": 0, "B": 3, "C": 3.3, "D": 4.5, "E": 4.5, "D-tune": 4.5, "D-jit": 5,
+    # A-LRN untrained (skill 0: chance), as the no-batch-norm nets of 2026-12-05 stayed
+    skills = {"A": 2.5, "A-LRN": 0, "B": 3, "C": 3.3, "D": 4.5, "E": 4.5, "D-tune": 4.5, "D-jit": 5,
               "E-jit": 5}
     test = {s: {k: fake(k, v) for k, v in skills.items()} for s in (0, 1, 2)}
     val = {s: {k: test[s][k] for k in paper.FUSION_CANDIDATES} for s in (0, 1, 2)}
@@ -95,10 +97,15 @@ def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
         assert len(t["interval"]) == 2 and t["seeds"] == [0, 1, 2]
     assert trends["depth_helps"]["a_vs_d"]["verdict"] == "holds"  # skill 1 against 3 on 120 images
     assert trends["lrn_no_gain"]["kind"] == "equivalence" and "margin" in trends["lrn_no_gain"]["top1"]
-    # Two nets at chance are as good as each other: that says nothing, and the verdict says so.
+    # A net at chance "loses" to any other: that says nothing about LRN, and the verdict says so.
     assert trends["lrn_no_gain"]["verdict"] == "inconclusive"
-    assert trends["lrn_no_gain"]["untrained"] == ["A-LRN-raw dense Q=73", "A-raw dense Q=73"]
+    assert trends["lrn_no_gain"]["untrained"] == ["A-LRN dense Q=73"]
     assert all(len(f["pair"]) == 2 for f in fusion.values())
+    data = paper.Data(tmp_path, "sha", "medium", 100)
+    job = paper.Job("A", "A", 0, data, paper.SETS, "73", 20, paper.SCHEDULES["early"])
+    args = job.args(tmp_path, {})
+    assert job.steps == (12, 17) and args[args.index("--lr-steps") + 1] == "12,17"
+    assert replace(job, epochs=5).steps == (3, 4) and replace(job, epochs=1).steps == ()
     png = tmp_path / "forest.png"
     paper.forest_figure(trends, png)
     assert png.stat().st_size > 1000

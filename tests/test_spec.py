@@ -65,6 +65,15 @@ def test_norm_except_errors_are_located():
     assert found.startswith("t.vgg:2:14: error: norm_except names conv3_1")
 
 
+def test_lrn_alpha_sets_the_lrns_alpha_and_needs_an_lrn():
+    (lrn,) = vggspec.load_spec("A-LRN", ("lrn_alpha=0.33",)).of_op("lrn")
+    assert lrn.attrs["alpha"] == pytest.approx(0.33 * 5)  # stored in PyTorch's and ONNX's convention
+    (found,) = errors(SMALL, ("lrn_alpha=0.5",))
+    assert found.startswith("<--set>:1:11: error: lrn_alpha, but this spec has no LRN")
+    (found,) = errors(SMALL.replace("maxpool", "LRN maxpool", 1), ("lrn_alpha=-1",))
+    assert "lrn_alpha -1 is outside (0, 1000]" in found
+
+
 def test_set_classes_adapts_the_last_fc():
     g = vggspec.load_spec("D", ("classes=10",))
     assert g.layer("fc8").out_shape == (10,) and g.meta.classes == 10

@@ -4,6 +4,7 @@ failed runs, bad validation sets, out-of-range settings, the spec's labels."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from collections.abc import Callable
@@ -218,8 +219,13 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path, folder: Path) -> None:
     assert again.exit_code == 0 and "epoch 2" in again.output, again.output
 
 
-def test_lr_steps_cut_the_rate_after_the_named_epochs_and_survive_a_resume(tmp_path: Path, folder: Path) -> None:
+def test_lr_steps_cut_the_rate_after_the_named_epochs_and_survive_a_resume(tmp_path: Path, folder: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from vggspec.cli import main
+    from vggspec.train import loop
+
+    # The tiny net's loss may sit at chance, from which the schedule would count: here every epoch counts.
+    monkeypatch.setattr(loop.Trainer, "_chance", lambda self: (math.log(self.graph.meta.classes), 0.0))
 
     spec = tiny_spec(tmp_path / "tiny.vgg")
     run = tmp_path / "run"
@@ -400,6 +406,32 @@ def test_the_plateau_schedule_waits_for_the_loss_to_leave_chance(tmp_path: Path)
     for accuracy in (0.30, 0.30, 0.30):  # learning, then a plateau: the rate is cut after `patience` epochs
         trainer._schedule(2.0, accuracy)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+
+
+def test_lr_steps_count_from_the_epoch_the_loss_leaves_chance(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from vggspec.graph.load import load_spec
+    from vggspec.train import loop
+
+    trainer = object.__new__(loop.Trainer)
+    trainer.graph = load_spec(tiny_spec(tmp_path / "tiny.vgg"), ("classes=10",))
+    trainer.world = SimpleNamespace(main=True)
+    trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    trainer.scheduler = torch.optim.lr_scheduler.MultiStepLR(trainer.optimizer, [2, 3], gamma=0.1)
+    trainer.config = SimpleNamespace(patience=5, lr_steps=(2, 3))
+    trainer.epochs_at_chance = 0
+    lrs = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for loss in (2.30, 2.30, 2.30, 2.0, 2.30, 1.5, 1.2):  # a late starter; back at chance once it has begun
+            trainer._schedule(loss, 0.2)
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001, 0.0001, 0.0001])
+    notes = [str(w.message) for w in seen if w.category is TrainingNote]
+    assert len(notes) == 1 and "the fixed schedule counts from the epoch the net starts to learn" in notes[0]
 
 
 def test_signal_gain_separates_the_inits_that_train_from_those_that_stay_at_chance() -> None:

@@ -72,8 +72,8 @@ def _lr_steps(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    f"(at most {DEFAULTS['max_decreases']} times), counted once the training loss has left "
                    "chance.")
 @click.option("--lr-steps", callback=_lr_steps, metavar="E1,E2,...", default=None,
-              help="A fixed schedule instead: divide the rate by 10 after each of these epochs (e.g. 15,18); "
-                   "--patience is then unused.")
+              help="A fixed schedule instead: divide the rate by 10 after each of these epochs (e.g. 15,18), "
+                   "counted like --patience once the training loss has left chance; --patience is then unused.")
 @click.option("--init-from", metavar="CKPT", default=DEFAULTS["init_from"],
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
 @click.option("--weights", metavar="CKPT", default=DEFAULTS["weights"],

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..labels import read_labels, spec_labels
 from ..preprocessing import Preprocessing
-from ..spec import DiagnosticSink, Header, LayerToken, Span, SpecTree
+from ..spec import DiagnosticSink, Header, HeaderEntry, LayerToken, Span, SpecTree
 from ..spec.parser import OVERRIDE_PATH
 from .infer import ShapeError, annotate
 from .layer import Layer
@@ -22,7 +22,8 @@ MAX_LAYERS = 2048  # layer tokens after repetition: E has 25, a 100-stage networ
 
 # AlexNet's LRN: b = a / (k + alpha * sum a^2)^beta. PyTorch and ONNX divide alpha by n,
 # so the graph stores alpha * n to compute the same function.
-LRN_SIZE, LRN_ALPHA_ALEXNET, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+# The header's `lrn_alpha` (default AlexNet's 1e-4) is the alpha of this formula.
+LRN_SIZE, LRN_BETA, LRN_K = 5, 0.75, 2.0
 
 
 def build(tree: SpecTree) -> LayerGraph:
@@ -43,6 +44,7 @@ def build(tree: SpecTree) -> LayerGraph:
     else:
         _check_size(layers, sink)
     _check_norm_except(tree, layers, sink)
+    _check_lrn_alpha(tree, layers, sink)
     classes = _check_classes(tree, layers, sink)
     labels = _read_labels(tree, classes, sink)
     sink.raise_if_any()
@@ -130,7 +132,7 @@ def _lrn(ex: _Expansion, token: LayerToken, loc: tuple[int, int, int]) -> bool:
                       f"a stage has at most one LRN, named {name} as in the Caffe release; "
                       "the paper's A-LRN has one, after conv1_1")
         return False
-    ex.add(name, "lrn", {"size": LRN_SIZE, "alpha": LRN_ALPHA_ALEXNET * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}, loc)
+    ex.add(name, "lrn", {"size": LRN_SIZE, "alpha": ex.header.lrn_alpha * LRN_SIZE, "beta": LRN_BETA, "k": LRN_K}, loc)
     return True
 
 
@@ -258,17 +260,31 @@ def _check_norm_except(tree: SpecTree, layers: list[Layer], sink: DiagnosticSink
     entry = tree.entries.get("norm_except")
     if entry is None or tree.header is None or not tree.header.norm_except:
         return
-    target = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides)) if entry.origin == OVERRIDE_PATH else sink
     convs = [layer.name for layer in layers if layer.op == "conv"]
     missing = [n for n in tree.header.norm_except if n not in convs]
     if tree.header.norm != "batch":
-        target.error(entry.value_span, "norm_except without norm: batch leaves nothing out",
+        _entry_error(tree, entry, sink, "norm_except without norm: batch leaves nothing out",
                      "add norm: batch, or drop norm_except")
     elif missing:
-        target.error(entry.value_span, f"norm_except names {missing[0]}, which this spec does not have",
+        _entry_error(tree, entry, sink, f"norm_except names {missing[0]}, which this spec does not have",
                      f"its convolutions are {', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}")
-    if target is not sink:
-        sink.diagnostics.extend(target.diagnostics)
+
+
+def _check_lrn_alpha(tree: SpecTree, layers: list[Layer], sink: DiagnosticSink) -> None:
+    entry = tree.entries.get("lrn_alpha")
+    if entry is not None and not any(layer.op == "lrn" for layer in layers):
+        _entry_error(tree, entry, sink, "lrn_alpha, but this spec has no LRN",
+                     "add LRN after a convolution, or drop lrn_alpha")
+
+
+def _entry_error(tree: SpecTree, entry: HeaderEntry, sink: DiagnosticSink, message: str, hint: str) -> None:
+    """An error at a header value: where it was written, the spec or the --set that overrode it."""
+    if entry.origin != OVERRIDE_PATH:
+        sink.error(entry.value_span, message, hint)
+        return
+    target = DiagnosticSink(OVERRIDE_PATH, "\n".join(tree.overrides))
+    target.error(entry.value_span, message, hint)
+    sink.diagnostics.extend(target.diagnostics)
 
 
 def _classes_override(tree: SpecTree) -> int | None:

@@ -123,6 +123,13 @@ def _numbers(text: str) -> tuple[float, ...]:
     return tuple(_number(p) for p in parts)
 
 
+def _lrn_alpha(text: str) -> float:
+    a = _number(text)
+    if not 0 < a <= 1e3:
+        raise HeaderValueError(f"lrn_alpha {a:g} is outside (0, 1000]", "AlexNet's, the paper's, is 1e-4")
+    return a
+
+
 def _positive_numbers(text: str) -> tuple[float, ...]:
     values = _numbers(text)
     if any(v <= 0 for v in values):
@@ -152,6 +159,8 @@ KEYS: dict[str, KeySpec] = {
     "norm": KeySpec(_choice("none", "batch"), "batch: batch norm after every convolution"),
     "norm_except": KeySpec(_conv_names, "under norm: batch, convolutions left without it, e.g. conv1_1 "
                                         "(an LRN after it then sees the input's own scale)"),
+    "lrn_alpha": KeySpec(_lrn_alpha, "the LRN's alpha in b = a / (k + alpha * sum a^2)^beta (AlexNet's 1e-4); "
+                                     "alpha * c^2 is the LRN of activations c times larger, up to a constant"),
     "dropout": KeySpec(_probability, "dropout after each hidden FC layer (0 for none)"),
     "init": KeySpec(_choice("paper", "xavier", "kaiming"), "weight initialisation scheme"),
     "width": KeySpec(_width, "multiplier of every conv's channels and hidden FC's outputs, e.g. 1/8"),

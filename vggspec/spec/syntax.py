@@ -37,6 +37,7 @@ class Header:
     classes: int | None = None
     norm: str = "none"
     norm_except: tuple[str, ...] = ()
+    lrn_alpha: float = 1e-4
     dropout: float = 0.5
     init: str = "paper"
     width: float = 1.0

@@ -645,23 +645,27 @@ class Trainer:
         return row
 
     def _schedule(self, train_loss: float, val_accuracy: float) -> None:
-        """With `lr_steps`, lr / 10 after the epochs it names. Otherwise lr / 10 on a plateau of the val
-        accuracy, counted only once the epoch's training loss has left chance:
-        a net that has not started to learn shows a flat val accuracy, and dividing its rate there keeps it at
-        chance (measured: narrow A on scenes sat at chance for 7 epochs, the plateau cut its rate twice, and it
-        ended at 89 % error). Said once, when a plain plateau schedule would have cut the rate by now."""
-        if self.config.lr_steps:  # a fixed schedule: it cuts where it was told, learning or not
-            self.scheduler.step()
-            return
+        """lr / 10 after the epochs `lr_steps` names, or on a plateau of the val accuracy; either counted from
+        the first epoch whose training loss has left chance: a net that has not started to learn shows a flat
+        val accuracy, and dividing its rate there keeps it at chance (measured: narrow A on scenes sat at chance
+        for 7 epochs, the plateau cut its rate twice, and it ended at 89 % error). Said once, when a schedule
+        counted from the start would have cut the rate by now."""
         chance, band = self._chance()
-        if abs(train_loss - chance) > band:
+        learning = abs(train_loss - chance) > band
+        if self.config.lr_steps:
+            if learning or self.scheduler.last_epoch > 0:  # once counting, every epoch counts
+                self.scheduler.step()
+                return
+        elif learning:
             self.scheduler.step(val_accuracy)
             return
         self.epochs_at_chance += 1
-        if self.epochs_at_chance == self.config.patience + 1 and self.world.main:  # once: the count only grows
+        first_cut = self.config.lr_steps[0] if self.config.lr_steps else self.config.patience + 1
+        if self.epochs_at_chance == first_cut and self.world.main:  # once: the count only grows
+            kind = "fixed" if self.config.lr_steps else "plateau"
             warnings.warn(TrainingNote(f"the training loss has been at chance, ln {self.graph.meta.classes}, for "
                                        f"{self.epochs_at_chance} epochs: the learning rate stays at "
-                                       f"{self.optimizer.param_groups[0]['lr']:g}, since the plateau schedule "
+                                       f"{self.optimizer.param_groups[0]['lr']:g}, since the {kind} schedule "
                                        "counts from the epoch the net starts to learn"), stacklevel=2)
 
     def save(self) -> None:
