@@ -104,7 +104,7 @@ def test_paper_trends_from_synthetic_posteriors(tmp_path) -> None:
     data = paper.Data(tmp_path, "sha", "medium", 100)
     job = paper.Job("A", "A", 0, data, paper.SETS, "73", 20, paper.SCHEDULES["early"])
     args = job.args(tmp_path, {})
-    assert job.steps == (12, 17) and args[args.index("--lr-steps") + 1] == "12,17"
+    assert job.steps == (10, 15) and args[args.index("--lr-steps") + 1] == "10,15"
     assert replace(job, epochs=5).steps == (3, 4) and replace(job, epochs=1).steps == ()
     png = tmp_path / "forest.png"
     paper.forest_figure(trends, png)
