@@ -59,10 +59,11 @@ def _model(cfg: Config, name: str, spec: str, overrides: tuple[str, ...]) -> Pat
 class Served:
     """`vggspec serve` in a child process on a free 127.0.0.1 port."""
 
-    def __init__(self, model: Path, threads: int, max_batch: int, delay_ms: float, log: Path) -> None:
+    def __init__(self, model: Path, threads: int, max_batch: int, delay_ms: float, log: Path,
+                 http: str = "auto") -> None:
         args = [sys.executable, "-m", "vggspec", "serve", f"m={model}", "--port", "0", "--device", "cpu",
                 "--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(delay_ms),
-                "--max-queue", "256", "--timeout-s", "300"]
+                "--max-queue", "256", "--timeout-s", "300", "--http", http]
         # The access log (a line per request) goes to a file, never to a pipe: a pipe this process failed to
         # drain in time would block the server's logging, and with it the server's event loop.
         self.log = log
@@ -175,7 +176,7 @@ def in_process(model: Any, x: np.ndarray, batch: int, seconds: float) -> float:
 
 
 def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: int, seconds: float,
-                   warmup: float, soak_s: float, rounds: int) -> None:
+                   warmup: float, soak_s: float, rounds: int, parsers: bool = False) -> None:
     x = np.random.default_rng(0).normal(size=(1, 3, hw, hw)).astype(np.float32)
     request, request8 = infer_request(x), infer_request(np.repeat(x, 8, axis=0))
     logs = cfg.path("serve-logs")
@@ -183,11 +184,13 @@ def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: in
     slug = label.replace(" ", "-")
     servers = {"batched": Served(path, cfg.threads, 8, 5.0, logs / f"{slug}-batched.log"),
                "unbatched": Served(path, cfg.threads, 1, 0.0, logs / f"{slug}-unbatched.log")}
+    if parsers:  # the serve extra's httptools against uvicorn's pure-Python h11, batched alike
+        servers["h11"] = Served(path, cfg.threads, 8, 5.0, logs / f"{slug}-h11.log", http="h11")
     try:
         for server in servers.values():
             asyncio.run(_load(server.port, request, 2, 0.5, 0.0))  # sessions warm
-        results = {mode: {c: asyncio.run(_load(server.port, request, c, seconds, warmup)) for c in CONCURRENCY}
-                   for mode, server in servers.items()}
+        results = {mode: {c: asyncio.run(_load(servers[mode].port, request, c, seconds, warmup)) for c in CONCURRENCY}
+                   for mode in ("batched", "unbatched")}
         rates = _side_by_side(servers, path, x, (request, request8), cfg.threads, seconds, warmup, rounds)
         if soak_s:
             _soak(section, label, servers["batched"], request, soak_s)
@@ -208,7 +211,11 @@ def _measure_model(section: Section, cfg: Config, label: str, path: Path, hw: in
              0.85),
             ("served (8-image requests, c=4) / in-process Model.run batch 8", "requests of 8", "batch 8", 0.85),
             ("served (unbatched, c=16) / in-process Model.run batch 1", "unbatched", "batch 1", 0.85),
-            ("in-process Model.run batch 8 / batch 1", "batch 8", "batch 1", None)):
+            ("in-process Model.run batch 8 / batch 1", "batch 8", "batch 1", None),
+            ("httptools / h11 parser, one-image requests batched to 8, c=16", "batched", "h11", None),
+            ("httptools / h11 parser, 8-image requests, c=4", "requests of 8", "h11 requests of 8", None)):
+        if num not in rates or den not in rates:
+            continue
         ratio = paired_ratio(rates[num], rates[den])
         section.add(f"{label}: {what}", ratio, "x", target=f">= {target}x" if target else "",
                     met=ratio >= target if target else None,
@@ -234,6 +241,10 @@ def _side_by_side(servers: dict[str, Served], path: Path, x: np.ndarray, request
         "batch 8": lambda: in_process(model, x, 8, seconds),
         "batch 1": lambda: in_process(model, x, 1, seconds),
     }
+    if "h11" in servers:
+        fns["h11"] = lambda: asyncio.run(_load(servers["h11"].port, one, 16, seconds, warmup)).images_per_s
+        fns["h11 requests of 8"] = lambda: 8 * asyncio.run(_load(servers["h11"].port, eight, 4, seconds,
+                                                                 warmup)).images_per_s
     names = list(fns)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
@@ -271,7 +282,7 @@ def run(cfg: Config) -> Section:
     quick = cfg.quick
     narrow = _model(cfg, "serve_narrow_d.onnx", *NARROW)
     _measure_model(section, cfg, "narrow D 64", narrow, 64, 3.0 if quick else 6.0, 0.5 if quick else 1.5,
-                   10.0 if quick else 120.0, 2 if quick else 5)
+                   10.0 if quick else 120.0, 2 if quick else 5, parsers=True)
     if not quick:
         full = _model(cfg, "serve_d.onnx", "D", ())
         _measure_model(section, cfg, "D 224", full, 224, 15.0, 3.0, 0.0, 3)

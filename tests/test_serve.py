@@ -60,7 +60,7 @@ class Server:
     """uvicorn serving create_app in a thread, on a free 127.0.0.1 port."""
 
     def __init__(self, entries: list[str], settings: Settings, delay_ms: float | None = None,
-                 export: Any = None) -> None:
+                 export: Any = None, parser: str = "auto") -> None:
         import uvicorn
 
         self.metrics = Metrics()
@@ -73,7 +73,7 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn_config(self.app, settings.timeout_s, settings.max_queue, 2,
-                                                    self.metrics.observe_header_timeout, log_level="error"))
+                                                    self.metrics.observe_header_timeout, parser, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -509,9 +509,11 @@ def test_a_trickling_upload_is_cut_off_at_the_timeout(files):
         s.stop()
 
 
-def test_a_client_stalled_inside_its_headers_is_closed_at_the_timeout(files):
-    # uvicorn bounds keep-alive silence but not a request's headers; serve.protocol adds that deadline.
-    s = Server([f"t={files['dense']}"], Settings(timeout_s=0.5))
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_client_stalled_inside_its_headers_is_closed_at_the_timeout(files, parser):
+    # uvicorn bounds keep-alive silence but not a request's headers; serve.protocol adds that deadline, to
+    # either of uvicorn's parsers (httptools, what the serve extra installs, and h11 without it).
+    s = Server([f"t={files['dense']}"], Settings(timeout_s=0.5), parser=parser)
     try:
         stalled = _raw(s.port, "GET /v2 HTTP/1.1\r\nHost: x")  # the blank line that ends the headers never comes
         silent = socket.create_connection(("127.0.0.1", s.port), timeout=10)  # connects, sends nothing
@@ -525,7 +527,7 @@ def test_a_client_stalled_inside_its_headers_is_closed_at_the_timeout(files):
             else:
                 assert reply == b"", reply  # closed without a word: it asked nothing
         # A keep-alive client whose second request stalls gets the same deadline.
-        again = _raw(s.port, "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /v2 HTTP/1.1\r\nHo")
+        again = _raw(s.port, "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /v2 HTTP/1.1\r\nHost: x")
         again.settimeout(3)
         data = b""
         while b"408" not in data:
@@ -861,3 +863,14 @@ def test_every_help_example_is_a_valid_command_line():
     entries = {e.name: e for line in lines for e in map(Entry.parse, serve.make_context(
         "serve", shlex.split(line)[2:]).params["models"])}
     assert len(entries["ens"].members) == 2 and entries["vgg"].members == (("vgg_dense.onnx", "vgg.onnx"),)
+
+
+def test_http_httptools_without_httptools_is_a_one_line_error(files, monkeypatch):
+    from vggspec.cli import main
+    from vggspec.serve import protocol
+
+    monkeypatch.setattr(protocol, "httptools_deadline", lambda: None)
+    result = CliRunner().invoke(main, ["serve", str(files["dense"]), "--port", "0", "--http", "httptools"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--http httptools needs httptools, which is not installed" in result.output
+    assert "pip install 'vggspec[serve]'" in result.output

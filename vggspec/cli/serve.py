@@ -47,9 +47,12 @@ EXTRA_HINT = "pip install 'vggspec[serve]'"
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="auto: the first of TensorRT, CUDA, CPU that initialises.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N", help="onnxruntime intra-op threads per model.")
+@click.option("--http", "parser", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
+              help="HTTP parser: httptools (C, what the serve extra installs) or h11 (pure Python); auto: "
+                   "httptools when installed.")
 def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
           max_body_mb: float, timeout_s: float, grace: float, api_key: str | None, cors_origins: tuple[str, ...],
-          device: str, threads: int | None) -> None:
+          device: str, threads: int | None, parser: str) -> None:
     """Serve MODEL... over HTTP: the Open Inference Protocol (KServe v2, as Triton's clients speak it),
     an image endpoint, /metrics, and a page at /.
 
@@ -66,7 +69,7 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
         import uvicorn
 
         from ..serve import Entry, LoadOptions, Metrics, Registry, Settings, create_app
-        from ..serve.protocol import uvicorn_config
+        from ..serve.protocol import httptools_deadline, uvicorn_config
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "prometheus_client", "multipart",
                                               "python_multipart"):
@@ -75,6 +78,10 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
             sys.exit(1)
         raise
     from .runtime import _export_checkpoint
+
+    if parser == "httptools" and httptools_deadline() is None:
+        click.echo(f"error: --http httptools needs httptools, which is not installed\n  hint: {EXTRA_HINT}", err=True)
+        sys.exit(1)
 
     _configure_logging()
     entries = [Entry.parse(m) for m in models]
@@ -87,7 +94,8 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
                         _export_checkpoint, metrics.observe_batch)
     try:
         app = create_app(registry, settings, metrics)
-        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout))
+        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout,
+                                                parser))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         click.echo(f"vggspec serve: {', '.join(registry.names)} on http://{where}:{bound[1]} "
