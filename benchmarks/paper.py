@@ -152,15 +152,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The server's code (`vggspec serve`) is the one part of vggspec/ that neither trains nor tests a net here.
+NOT_RUN_HERE = (":(exclude)vggspec/serve", ":(exclude)vggspec/cli/serve.py")
+
+
 def code_version() -> dict[str, Any]:
-    """The last commit that changed vggspec/, and a hash of uncommitted changes there (nets trained on a dirty
-    tree are keyed by what they ran, and paper.json says so)."""
+    """The last commit that changed vggspec/ (but for the server), and a hash of uncommitted changes there (nets
+    trained on a dirty tree are keyed by what they ran, and paper.json says so)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
-    commit = git("log", "-1", "--format=%H", "--", "vggspec").strip()
-    diff = git("diff", "HEAD", "--", "vggspec", "templates")
-    untracked = git("ls-files", "--others", "--exclude-standard", "--", "vggspec", "templates")
+    commit = git("log", "-1", "--format=%H", "--", "vggspec", *NOT_RUN_HERE).strip()
+    diff = git("diff", "HEAD", "--", "vggspec", "templates", *NOT_RUN_HERE)
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "vggspec", "templates", *NOT_RUN_HERE)
     dirty = bool(diff.strip() or untracked.strip())
     extra = hashlib.sha256((diff + untracked).encode()).hexdigest()[:16] if dirty else ""
     return {"commit": commit, "dirty": dirty, "diff_sha": extra}
@@ -885,10 +889,17 @@ def curves_figure(runs: dict[str, Path], out: Path) -> str:
     fig = Figure(figsize=(9, 5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     colours = matplotlib.colormaps["tab20"]
+    any_cut = False
     for i, (label, rundir) in enumerate(runs.items()):
         rows = [json.loads(x) for x in (rundir / "metrics.jsonl").read_text().splitlines()]
         ax.plot([r["epoch"] for r in rows], [100 * r["val_top1_err"] for r in rows], marker=".", label=label,
                 color=colours(i % 20), linestyle="--" if label.startswith("pilot") else "-")
+        cut = [(r["epoch"], 100 * r["val_top1_err"]) for r, nxt in zip(rows, rows[1:], strict=False)
+               if nxt["lr"] < r["lr"]]
+        if cut:
+            ax.scatter(*zip(*cut, strict=True), marker="v", s=40, color=colours(i % 20), edgecolors="black",
+                       zorder=3, label="lr / 10 after this epoch" if not any_cut else None)
+            any_cut = True
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 error, % (trainer's centre crop)")
     ax.legend(fontsize=7, ncol=2)
