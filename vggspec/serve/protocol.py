@@ -28,40 +28,23 @@ def _late_reply(timeout: float) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-class HeaderDeadline(H11Protocol):
-    """H11Protocol that closes a connection whose request headers are not complete `header_timeout` seconds
-    after its first byte (or after the connection opened): 408 when some bytes came, a plain close when none."""
+class _Deadline:
+    """The timer both parser classes share: armed when a connection opens and at a request's first bytes,
+    disarmed when its headers are complete. On expiry the parser class says, in `_headers_state`, whether
+    a request's headers are part-way ("partial": 408 and close), nothing came ("none": close) or the
+    connection is past its headers ("done": leave it to uvicorn's own timers)."""
 
     header_timeout = 30.0
     on_timeout: Callable[[], None] | None = None  # told of each 408, for /metrics
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._got_bytes = False
-        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._late)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-        if not waiting:
-            self._disarm()
-        elif self.conn.trailing_data[0] and not self._got_bytes:
-            # The first bytes of a new request (after a keep-alive pause, uvicorn's own timer is off now).
-            self._arm()
-
-    def on_response_complete(self) -> None:
-        self._got_bytes = False  # the next request's deadline starts with its first byte
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-            self._arm()  # a pipelined request's first bytes already came with the last one
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+    def _start_deadline(self) -> None:
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm()
 
     def _arm(self) -> None:
-        """The deadline from now: the first bytes of a request have come."""
-        self._got_bytes = True
+        """The deadline from now."""
         self._disarm()
         self._header_timer = self.loop.call_later(self.header_timeout, self._late)
 
@@ -70,16 +53,58 @@ class HeaderDeadline(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _headers_state(self) -> str:
+        raise NotImplementedError
+
     def _late(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing():
             return
-        if self.conn.trailing_data[0]:
+        state = self._headers_state()
+        if state == "done":
+            return
+        if state == "partial":
             log.info("408 %s: request headers not complete within %g s", _peer(self.transport), self.header_timeout)
             self.transport.write(_late_reply(self.header_timeout))
             if self.on_timeout is not None:
                 self.on_timeout()
         self.transport.close()
+
+
+class HeaderDeadline(_Deadline, H11Protocol):
+    """H11Protocol that closes a connection whose request headers are not complete `header_timeout` seconds
+    after its first byte (or after the connection opened): 408 when some bytes came, a plain close when none."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._got_bytes = False
+        self._start_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if not waiting:
+            self._disarm()
+        elif self.conn.trailing_data[0] and not self._got_bytes:
+            # The first bytes of a new request (after a keep-alive pause, uvicorn's own timer is off now).
+            self._got_bytes = True
+            self._arm()
+
+    def on_response_complete(self) -> None:
+        self._got_bytes = False  # the next request's deadline starts with its first byte
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._got_bytes = True
+            self._arm()  # a pipelined request's first bytes already came with the last one
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _headers_state(self) -> str:
+        if self.conn.their_state is not h11.IDLE:
+            return "done"
+        return "partial" if self.conn.trailing_data[0] else "none"
 
 
 def httptools_deadline() -> type | None:
@@ -90,51 +115,31 @@ def httptools_deadline() -> type | None:
     except ImportError:
         return None
 
-    class HttpToolsDeadline(HttpToolsProtocol):
-        header_timeout = 30.0
-        on_timeout: Callable[[], None] | None = None
-
+    class HttpToolsDeadline(_Deadline, HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._in_headers = False
-            self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._late)
+            self._start_deadline()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_headers = True
-            self._rearm()
+            self._arm()
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
-            self._cancel()
+            self._disarm()
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel()
+            self._disarm()
             super().connection_lost(exc)
 
-        def _rearm(self) -> None:
-            self._cancel()
-            self._header_timer = self.loop.call_later(self.header_timeout, self._late)
-
-        def _cancel(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _late(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing():
-                return
+        def _headers_state(self) -> str:
             if self._in_headers:
-                log.info("408 %s: request headers not complete within %g s", _peer(self.transport),
-                         self.header_timeout)
-                self.transport.write(_late_reply(self.header_timeout))
-                if self.on_timeout is not None:
-                    self.on_timeout()
-            elif self.cycle is not None:  # a connection that has been answered: its keep-alive timer rules
-                return
-            self.transport.close()
+                return "partial"
+            # A connection that has been answered: its keep-alive timer rules.
+            return "done" if self.cycle is not None else "none"
 
     return HttpToolsDeadline
 
