@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +19,7 @@ from ..contract import Metadata, from_props, has_metadata
 from ..errors import DataError, ModelError
 from ..files import file_problem
 from ..preprocessing import Preprocessing
+from . import watchdog
 from .memory import DEFAULT_MAX_MEMORY, activation_bytes, floats_per_pixel, shown_size
 
 PROVIDERS = {
@@ -456,7 +456,7 @@ class Model:
     def _run_chunk(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=self.info.input_dtype)
         options = _ort().RunOptions()
-        timer = _terminate_after(options, self.limits.seconds)
+        armed = watchdog.arm(options, self.limits.seconds) if self.limits.seconds else None
         try:
             if self.io_binding:
                 return self._run_bound(x, names, options)
@@ -468,8 +468,8 @@ class Model:
             raise ModelError(f"onnxruntime failed on an input of shape {list(x.shape)}: {ort_message(exc)}",
                              self.shown) from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            if armed is not None:
+                watchdog.disarm(armed)
 
     def _run_bound(self, x: np.ndarray, names: list[str], options: Any) -> list[np.ndarray]:
         """Inputs copied to the device once, outputs allocated there: no hidden copies inside run()."""
@@ -481,21 +481,6 @@ class Model:
             binding.bind_output(name, self.ort_device)
         self.session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()
-
-
-def _terminate_after(options: Any, seconds: float | None) -> threading.Timer | None:
-    """A daemon timer that sets `options.terminate` after `seconds`: onnxruntime then stops the run with an
-    error at its next node. None without a limit."""
-    if not seconds:
-        return None
-
-    def stop() -> None:
-        options.terminate = True
-
-    timer = threading.Timer(seconds, stop)
-    timer.daemon = True
-    timer.start()
-    return timer
 
 
 def _pad(chunk: np.ndarray, batch: int | None) -> np.ndarray:
