@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `vggspec serve` on the scenes model: start it on a free 127.0.0.1 port, ask it once with Triton's own
-# Python client (Open Inference Protocol, binary tensors) and once on the image endpoint (the image's bytes,
-# top-k with labels and the heat map), print what came back, and stop it with SIGTERM (it drains, exits 0).
+# Python client (Open Inference Protocol, binary tensors; over HTTP, and over gRPC when the grpc extra is
+# installed) and once on the image endpoint (the image's bytes, top-k with labels and the heat map), print
+# what came back, and stop it with SIGTERM (it drains, exits 0).
 #
 #   examples/serve_demo.sh [MODEL] [IMAGE]
 #       default MODEL: out/scenes/run/d_dense.onnx (examples/scenes_pipeline.sh out/scenes makes it)
@@ -19,8 +20,10 @@ if [ -z "$IMAGE" ]; then
 print(sys.argv[1] + "/" + m["splits"]["test"]["images"][0]["file"])' out/scenes/data)
 fi
 
+GRPC=()
+"$PY" -c 'import grpc' 2>/dev/null && GRPC=(--grpc-port 0)
 LOG=$(mktemp)
-$VGGSPEC serve "scenes=$MODEL" --port 0 2>"$LOG" &
+$VGGSPEC serve "scenes=$MODEL" --port 0 "${GRPC[@]}" 2>"$LOG" &
 PID=$!
 trap 'kill "$PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
 
@@ -32,9 +35,10 @@ for _ in $(seq 1 300); do  # up to 60 s: loading a model takes a moment
     sleep 0.2
 done
 [ -n "$PORT" ] || { echo "the server did not start" >&2; cat "$LOG" >&2; exit 1; }
-echo "server: http://127.0.0.1:$PORT (pid $PID)"
+GRPC_PORT=$(sed -n 's|.*gRPC on 127\.0\.0\.1:\([0-9]*\).*|\1|p' "$LOG" | head -n 1)
+echo "server: http://127.0.0.1:$PORT${GRPC_PORT:+, gRPC 127.0.0.1:$GRPC_PORT} (pid $PID)"
 
-"$PY" - "$PORT" "$MODEL" "$IMAGE" <<'PY'
+"$PY" - "$PORT" "$MODEL" "$IMAGE" "$GRPC_PORT" <<'PY'
 import base64, json, sys, urllib.request
 
 import numpy as np
@@ -42,7 +46,7 @@ import tritonclient.http as httpclient
 
 from vggspec.runtime import load, preprocess
 
-port, model_path, image = sys.argv[1:4]
+port, model_path, image, grpc_port = sys.argv[1:5]
 url = f"127.0.0.1:{port}"
 
 # 1. Triton's client, unmodified: the model's own input (fp32 N x C x H x W), preprocessed as vggspec does.
@@ -57,6 +61,17 @@ probs = client.infer("scenes", [inp], outputs=[httpclient.InferRequestedOutput("
 best = int(np.argmax(probs))
 print(f"tritonclient: {image} -> {info.label(best)} (p={probs[best]:.3f})")
 client.close()
+
+if grpc_port:  # the same request over gRPC: the same posteriors
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.astype(np.float32))
+    over_grpc = client.infer("scenes", [inp]).as_numpy("probs")[0]
+    print(f"tritonclient.grpc: {info.label(int(np.argmax(over_grpc)))} (p={over_grpc.max():.3f}), "
+          f"largest difference from HTTP {np.abs(over_grpc - probs).max():.1e}")
+    client.close()
 
 # 2. The image endpoint: the file's bytes, the model's own protocol and scales, the heat map at Q = 192.
 with open(image, "rb") as f:

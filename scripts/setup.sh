@@ -22,5 +22,5 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     echo "installing torch and torchvision (a few minutes the first time)"
     pip_install "torch==2.14.1" "torchvision==0.29.1"
 fi
-pip_install -e ".[cpu,train,dev,serve]"
+pip_install -e ".[cpu,train,dev,serve,grpc]"
 .venv/bin/python -c "import vggspec, torch, onnxruntime; print('vggspec', vggspec.__version__, '| torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -9,24 +9,31 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from .common import examples
 
 EXTRA_HINT = "pip install 'vggspec[serve]'"
+GRPC_HINT = "pip install 'vggspec[serve,grpc]'"
 
 
 @click.command(epilog=examples(
     "vggspec serve d_dense.onnx",
     "vggspec serve scenes=runs/scenes/d_dense.onnx --port 8080 --max-batch 16 --max-delay-ms 5",
     "vggspec serve d.safetensors vgg=vgg_dense.onnx+vgg.onnx --api-key \"$KEY\" --host 0.0.0.0",
-    "vggspec serve ens=a_dense.onnx,b_dense.onnx --max-queue 128 --timeout-s 10 --grace 20"))
+    "vggspec serve ens=a_dense.onnx,b_dense.onnx --max-queue 128 --timeout-s 10 --grace 20",
+    "vggspec serve d_dense.onnx --grpc-port 8001"))
 @click.argument("models", metavar="MODEL...", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 (or ::) opens the server to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="TCP port; 0 picks a free one (printed at start).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Also speak the protocol over gRPC on PORT (tritonclient.grpc; Triton's 8001); 0 picks a free "
+                   "one. Needs the grpc extra.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Most images in one onnxruntime run (dynamic batching; 1 turns it off).")
 @click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
@@ -50,9 +57,10 @@ EXTRA_HINT = "pip install 'vggspec[serve]'"
 @click.option("--http", "parser", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
               help="HTTP parser: httptools (C, what the serve extra installs) or h11 (pure Python); auto: "
                    "httptools when installed.")
-def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_delay_ms: float, max_queue: int,
-          max_body_mb: float, timeout_s: float, grace: float, api_key: str | None, cors_origins: tuple[str, ...],
-          device: str, threads: int | None, parser: str) -> None:
+def serve(models: tuple[str, ...], host: str, port: int, grpc_port: int | None, max_batch: int,
+          max_delay_ms: float, max_queue: int, max_body_mb: float, timeout_s: float, grace: float,
+          api_key: str | None, cors_origins: tuple[str, ...], device: str, threads: int | None,
+          parser: str) -> None:
     """Serve MODEL... over HTTP: the Open Inference Protocol (KServe v2, as Triton's clients speak it),
     an image endpoint, /metrics, and a page at /.
 
@@ -63,7 +71,8 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
     Routes: GET /v2/health/live|ready, GET /v2, GET /v2/models/NAME, POST /v2/models/NAME/infer (tensors),
     POST /v2/models/NAME/classify (image bytes; ?topk=5&protocol=dense&scales=256,384&flip=true&heatmap=true),
     POST /v2/repository/index, POST /v2/repository/models/NAME/load (reload from its files; SIGHUP reloads
-    all), GET /metrics. SIGTERM stops accepting, lets in-flight requests finish, and exits 0.
+    all), GET /metrics. With --grpc-port, the protocol's gRPC service too (health, metadata, ModelInfer).
+    SIGTERM stops accepting, lets in-flight requests finish, and exits 0.
     """
     try:
         import uvicorn
@@ -89,25 +98,56 @@ def serve(models: tuple[str, ...], host: str, port: int, max_batch: int, max_del
                         max_body_mb=max_body_mb, timeout_s=timeout_s, api_key=api_key or None,
                         cors_origins=cors_origins)
     sock = _bind(host, port)  # before loading: a port in use fails at once, not after minutes of export
+    rpc = _grpc(settings, host, grpc_port) if grpc_port is not None else None
     metrics = Metrics()
     registry = Registry(entries, LoadOptions(device, threads, max_batch, max_delay_ms / 1000),
                         _export_checkpoint, metrics.observe_batch)
     try:
         app = create_app(registry, settings, metrics)
-        server = uvicorn.Server(uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout,
-                                                parser))
+        stopping: list = []  # gRPC's drain, started with HTTP's on SIGTERM
+        server = _server_class(uvicorn, lambda: stopping.append(rpc.stop(grace)) if rpc else None)(
+            uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout, parser))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         click.echo(f"vggspec serve: {', '.join(registry.names)} on http://{where}:{bound[1]} "
                    f"({registry.get(registry.names[0]).primary.provider})", err=True)  # type: ignore[union-attr]
+        if rpc is not None:
+            rpc.start(app.state.vggspec)
+            click.echo(f"vggspec serve: gRPC on {where}:{rpc.port}", err=True)
         # uvicorn re-raises the signal that stopped it once it has drained; a handler of ours turns that
         # into a normal return, so a drained SIGTERM exits 0 as orchestrators expect.
         signal.signal(signal.SIGTERM, lambda *_: None)
         server.run(sockets=[sock])
+        for done in stopping:
+            done.wait(grace + 1)
     finally:
+        if rpc is not None:
+            rpc.stop(0)
         registry.close()
         sock.close()
     click.echo("vggspec serve: stopped", err=True)
+
+
+def _grpc(settings: Any, host: str, port: int) -> Any:
+    try:
+        from ..serve.grpc_service import GrpcServer
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("grpc", "google"):
+            click.echo(f"error: --grpc-port needs {exc.name}, which is not installed\n  hint: {GRPC_HINT}", err=True)
+            sys.exit(1)
+        raise
+    return GrpcServer(settings, host, port)
+
+
+def _server_class(uvicorn: Any, on_exit: Callable[[], object]) -> Any:
+    """uvicorn.Server that also calls `on_exit` when a signal asks it to stop (gRPC then drains alongside)."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -189,11 +189,15 @@ async def settle(state: State, future: Future) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(future), state.settings.timeout_s)
     except asyncio.TimeoutError:
         raise RequestError(504, f"no answer within {state.settings.timeout_s:g} s") from None
-    except Closed:
-        raise RequestError(503, "the model was being replaced; retry", {"Retry-After": "1"}) from None
-    except (VggspecError, MemoryError) as exc:
-        raise RequestError(400, public_reason(exc) if isinstance(exc, VggspecError)
-                           else "out of memory for this input") from None
+    except (Closed, VggspecError, MemoryError) as exc:
+        raise job_error(exc) from None
+
+
+def job_error(exc: Closed | VggspecError | MemoryError) -> RequestError:
+    """What a client is told when its model run failed: a replaced model (503) or its own input (400)."""
+    if isinstance(exc, Closed):
+        return RequestError(503, "the model was being replaced; retry", {"Retry-After": "1"})
+    return RequestError(400, public_reason(exc) if isinstance(exc, VggspecError) else "out of memory for this input")
 
 
 def _state(request: Request) -> State:
@@ -447,11 +451,15 @@ class KeyCheck:
 
     def _authorised(self, scope: dict) -> bool:
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-api-key")
-        auth = headers.get(b"authorization", b"")
-        if given is None and auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        return hmac.compare_digest(given or b"", self.key)
+        return key_matches(self.key, headers.get(b"x-api-key"), headers.get(b"authorization"))
+
+
+def key_matches(key: bytes, x_api_key: bytes | None, authorization: bytes | None) -> bool:
+    """Whether a request's X-API-Key, else its `Authorization: Bearer`, is `key` (compared in constant time)."""
+    given, auth = x_api_key, authorization or b""
+    if given is None and auth[:7].lower() == b"bearer ":
+        given = auth[7:].strip()
+    return hmac.compare_digest(given or b"", key)
 
 
 # ---------------------------------------------------------------- the app

@@ -56,7 +56,7 @@ def decode(body: bytes, header_length: str | None, info: ModelInfo) -> tuple[np.
         raise RequestError(400, "the request needs an 'inputs' list")
     if len(request["inputs"]) != 1:
         raise RequestError(400, f"the model takes exactly one input, '{info.input_name}'")
-    x = _tensor(request["inputs"][0], binary, info)
+    x = tensor(request["inputs"][0], binary, info)
     return x, _requested(request, info)
 
 
@@ -72,7 +72,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def _tensor(spec: Any, binary: bytes, info: ModelInfo) -> np.ndarray:
+def tensor(spec: Any, binary: bytes, info: ModelInfo) -> np.ndarray:
+    """One input tensor as the protocol describes it (JSON's form: name, datatype, shape, and 'data' or a
+    'binary_data_size' of `binary`), checked against the model's input."""
     if not isinstance(spec, dict):
         raise RequestError(400, "an input must be a JSON object")
     if spec.get("name") != info.input_name:
