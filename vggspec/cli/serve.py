@@ -36,8 +36,9 @@ GRPC_HINT = "pip install 'vggspec[serve,grpc]'"
                    "one. Needs the grpc extra.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Most images in one onnxruntime run (dynamic batching; 1 turns it off).")
-@click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=5.0, show_default=True,
-              help="How long the first input of a batch waits for others of its shape.")
+@click.option("--max-delay-ms", type=click.FloatRange(0, 1000), default=0.0, show_default=True,
+              help="How long the first input of a batch waits for others of its shape; 0: not at all, a batch "
+                   "is what queued while the previous one ran (as Triton's default).")
 @click.option("--max-queue", type=click.IntRange(1, 100_000), default=64, show_default=True,
               help="Inference requests in flight at most; beyond it: 503 with Retry-After.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 4096), default=20.0, show_default=True,

@@ -53,7 +53,7 @@ INLINE_JSON = 64 * 1024  # bytes of JSON tensors parsed on the event loop itself
 @dataclass(frozen=True)
 class Settings:
     max_batch: int = 8
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 0.0
     max_queue: int = 64
     max_body_mb: float = 20.0
     timeout_s: float = 30.0

@@ -127,7 +127,7 @@ class LoadOptions:
     device: str = "auto"
     threads: int | None = None
     max_batch: int = 8
-    max_delay_s: float = 0.005
+    max_delay_s: float = 0.0
 
 
 def load_model(entry: Entry, opts: LoadOptions, export: Export | None = None,
