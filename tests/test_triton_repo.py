@@ -63,7 +63,7 @@ def test_a_dense_model_gets_variable_spatial_dims_a_batcher_labels_and_its_metad
     assert io(cfg) == {"input": ("TYPE_FP32", [3, -1, -1], ""), "probs": ("TYPE_FP32", [4], "labels.txt"),
                        "scores": ("TYPE_FP32", [4, -1, -1], "")}
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
-    assert cfg.dynamic_batching.max_queue_delay_microseconds == 5000
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["vggspec.name"] == "tritiny" and params["vggspec.fully_conv"] == "true"
     assert '"mean": [0.485' in params["vggspec.preprocessing"]  # quotes inside a value survive

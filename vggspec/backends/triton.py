@@ -35,7 +35,7 @@ VERSION = "1"  # Triton's version folder: one version per export
 MODEL_FILE = "model.onnx"  # the onnxruntime backend's default_model_filename
 LABELS_FILE = "labels.txt"
 DEFAULT_MAX_BATCH = 8
-DEFAULT_DELAY_US = 5000  # as `vggspec serve --max-delay-ms 5`
+DEFAULT_DELAY_US = 0  # as `vggspec serve` and Triton itself: a batch is what queued while the last one ran
 _TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.UINT8: "TYPE_UINT8"}
 # Long texts stay in the model file only (the specs, how to resize and crop); the labels go to labels.txt.
 _NOT_PARAMETERS = {"labels", "spec", "member_specs", "resize", "crops"}

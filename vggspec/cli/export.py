@@ -55,7 +55,8 @@ def _size(path: Path) -> str:
 @click.option("--max-batch", type=click.IntRange(min=0), default=None, metavar="N",
               help="With --triton-repo: Triton's max_batch_size (default 8; 0 for a fixed batch axis).")
 @click.option("--max-delay-us", type=click.IntRange(min=0), default=None, metavar="US",
-              help="With --triton-repo: the dynamic batcher's max_queue_delay_microseconds (default 5000).")
+              help="With --triton-repo: the dynamic batcher's max_queue_delay_microseconds (default 0: no "
+                   "wait, as `vggspec serve`).")
 @click.option("--force", is_flag=True, help="With --triton-repo: replace a model folder of that name.")
 @click.option("--test-scales", metavar="Q1,Q2,...", default=None, callback=lambda ctx, param, v: _test_scales(v),
               help="The model's default test scales, written into its metadata for predict, eval and servers. "
