@@ -313,6 +313,28 @@ def test_batcher_runs_same_shapes_together_and_isolates_a_bad_input():
     assert seen == [4, 1, 1, 1, 1, 2]  # the 4 same-shape inputs failed as one batch, then ran alone
 
 
+def test_without_a_delay_a_batch_is_what_queued_while_the_last_one_ran():
+    seen: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        started.set()
+        release.wait(5)  # the first run holds the engine while the others queue
+        return [x.sum(axis=(1, 2))]
+
+    batcher = Batcher(run, max_batch=8, observe=seen.append)  # the default: no delay
+    try:
+        first = batcher.submit(np.zeros((1, 2, 2), np.float32))
+        assert started.wait(5)  # it ran alone, at once: nothing else was queued
+        queued = [batcher.submit(np.full((1, 2, 2), i, np.float32)) for i in range(1, 6)]
+        release.set()
+        assert first.result(5)[0].tolist() == [0.0]
+        assert [f.result(5)[0].tolist() for f in queued] == [[4.0 * i] for i in range(1, 6)]
+    finally:
+        batcher.close()
+    assert seen == [1, 5]
+
+
 def test_concurrent_requests_share_batches_and_show_in_metrics(files):
     s = Server([f"t={files['dense']}"], Settings(max_batch=8), delay_ms=100)
     try:
