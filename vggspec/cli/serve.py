@@ -105,8 +105,7 @@ def serve(models: tuple[str, ...], host: str, port: int, grpc_port: int | None, 
                         _export_checkpoint, metrics.observe_batch)
     try:
         app = create_app(registry, settings, metrics)
-        stopping: list = []  # gRPC's drain, started with HTTP's on SIGTERM
-        server = _server_class(uvicorn, lambda: stopping.append(rpc.stop(grace)) if rpc else None)(
+        server = _server_class(uvicorn, lambda: rpc.stop(grace) if rpc else None)(  # gRPC drains with HTTP
             uvicorn_config(app, timeout_s, max_queue, grace, metrics.observe_header_timeout, parser))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
@@ -119,8 +118,8 @@ def serve(models: tuple[str, ...], host: str, port: int, grpc_port: int | None, 
         # into a normal return, so a drained SIGTERM exits 0 as orchestrators expect.
         signal.signal(signal.SIGTERM, lambda *_: None)
         server.run(sockets=[sock])
-        for done in stopping:
-            done.wait(grace + 1)
+        if rpc is not None:  # in-flight RPCs finish within the grace that SIGTERM started
+            rpc.stop(grace).wait(grace + 1)
     finally:
         if rpc is not None:
             rpc.stop(0)

@@ -205,11 +205,14 @@ def _state(request: Request) -> State:
 
 
 def _served_name(request: Request) -> str:
-    name = request.path_params["name"]
-    if name not in _state(request).registry:
+    return served_name(_state(request).registry, request.path_params["name"], request.path_params.get("version"))
+
+
+def served_name(registry: Registry, name: str, version: str | None) -> str:
+    """`name` when it is served, in version 1 (or no version named); 404 otherwise."""
+    if name not in registry:
         raise RequestError(404, f"no model named '{oip._short(name)}'")
-    version = request.path_params.get("version")
-    if version is not None and version != "1":
+    if version and version != "1":
         raise RequestError(404, f"model '{name}' has only version 1")
     return name
 
@@ -271,8 +274,8 @@ async def infer(request: Request) -> Response:
             future.add_done_callback(state.gate.leave)
             queued = True
             outputs = await settle(state, future)
-    except Closed:
-        raise RequestError(503, "the model was being replaced; retry", {"Retry-After": "1"}) from None
+    except Closed as exc:
+        raise job_error(exc) from None
     finally:
         if not queued:
             state.gate.leave()

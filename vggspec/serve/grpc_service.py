@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from ..errors import VggspecError
 from ..version import __version__
 from . import oip
-from .app import Settings, State, job_error, key_matches
+from .app import Settings, State, admit, job_error, key_matches, served_name
 from .batcher import Closed
 from .oip import RequestError
 from .registry import describe
@@ -102,8 +102,7 @@ class GrpcServer:
                 "ModelMetadata": self.model_metadata, "ModelInfer": self.model_infer}
 
     def _handler(self, name: str, fn: Callable[[Any, Any], Any]) -> Any:
-        method = self._method_descriptor(name)
-        request_class, response_class = self.m[method.input_type.name], self.m[method.output_type.name]
+        request_class, response_class = self.m[f"{name}Request"], self.m[f"{name}Response"]
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             start, status = time.perf_counter(), 200
@@ -124,10 +123,6 @@ class GrpcServer:
         return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_class.FromString,
                                                    response_serializer=response_class.SerializeToString)
 
-    def _method_descriptor(self, name: str) -> Any:
-        request = self.m[f"{name}Request"].DESCRIPTOR
-        return request.file.services_by_name["GRPCInferenceService"].methods_by_name[name]
-
     def _authorise(self, context: grpc.ServicerContext) -> None:
         headers = {k.lower(): v for k, v in context.invocation_metadata() or ()}
         given, auth = headers.get("x-api-key"), headers.get("authorization")
@@ -144,13 +139,6 @@ class GrpcServer:
         log.info('%s "GRPC %s" %d %.1fms model=%s route=grpc', oip._short(context.peer() or "-", 80), route,
                  status, seconds * 1000, model or "-")
 
-    def _served(self, name: str, version: str) -> str:
-        if name not in self._state.registry:
-            raise RequestError(404, f"no model named '{oip._short(name)}'")
-        if version not in ("", "1"):
-            raise RequestError(404, f"model '{name}' has only version 1")
-        return name
-
     # ------------------------------------------------------------ the RPCs
 
     def server_live(self, request: Any, context: Any) -> Any:
@@ -163,11 +151,11 @@ class GrpcServer:
         return self.m["ServerMetadataResponse"](name="vggspec", version=__version__, extensions=[])
 
     def model_ready(self, request: Any, context: Any) -> Any:
-        self._served(request.name, request.version)
+        served_name(self._state.registry, request.name, request.version)
         return self.m["ModelReadyResponse"](ready=True)
 
     def model_metadata(self, request: Any, context: Any) -> Any:
-        name = self._served(request.name, request.version)
+        name = served_name(self._state.registry, request.name, request.version)
         served = self._state.registry.get(name)
         assert served is not None
         described = describe(served.primary.info)
@@ -179,7 +167,7 @@ class GrpcServer:
 
     def model_infer(self, request: Any, context: Any) -> Any:
         state = self._state
-        name = self._served(request.model_name, request.model_version)
+        name = served_name(state.registry, request.model_name, request.model_version)
         with state.registry.use(name) as served:
             if len(served.members) > 1:
                 raise RequestError(400, f"'{name}' is an ensemble of {len(served.members)} networks with inputs "
@@ -199,9 +187,7 @@ class GrpcServer:
     def _run(self, model: Any, x: np.ndarray, context: Any) -> list[np.ndarray]:
         """The batcher's answer within the request timeout (or the client's deadline, when sooner)."""
         state = self._state
-        if not state.gate.enter():
-            state.metrics.rejected.inc()
-            raise RequestError(503, "the server is busy (its queue is full); retry shortly")
+        admit(state)
         try:
             future = model.batcher.submit(x)
         except Closed as exc:
@@ -221,8 +207,7 @@ class GrpcServer:
 
 def _input(request: Any, info: Any) -> np.ndarray:
     """The request's one input tensor, from raw_input_contents (what tritonclient sends) or typed contents."""
-    if len(request.inputs) != 1:
-        raise RequestError(400, f"the model takes exactly one input, '{info.input_name}'")
+    oip.check_one_input(len(request.inputs), info)
     given = request.inputs[0]
     spec: dict[str, Any] = {"name": given.name, "datatype": given.datatype, "shape": [int(d) for d in given.shape]}
     binary = b""
@@ -240,7 +225,6 @@ def _input(request: Any, info: Any) -> np.ndarray:
 def _outputs(request: Any, info: Any) -> list[str]:
     names = [out.name for out in request.outputs] or list(info.outputs)
     for name in names:
-        if name not in info.outputs:
-            raise RequestError(400, f"unknown output '{oip._short(name)}': the model has {', '.join(info.outputs)}")
+        oip.check_output(name, info)
     return names
 

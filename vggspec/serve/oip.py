@@ -54,10 +54,19 @@ def decode(body: bytes, header_length: str | None, info: ModelInfo) -> tuple[np.
         raise RequestError(400, "the request's JSON is nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestError(400, "the request needs an 'inputs' list")
-    if len(request["inputs"]) != 1:
-        raise RequestError(400, f"the model takes exactly one input, '{info.input_name}'")
+    check_one_input(len(request["inputs"]), info)
     x = tensor(request["inputs"][0], binary, info)
     return x, _requested(request, info)
+
+
+def check_one_input(count: int, info: ModelInfo) -> None:
+    if count != 1:
+        raise RequestError(400, f"the model takes exactly one input, '{info.input_name}'")
+
+
+def check_output(name: Any, info: ModelInfo) -> None:
+    if name not in info.outputs:
+        raise RequestError(400, f"unknown output '{_short(name)}': the model has {', '.join(info.outputs)}")
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -158,8 +167,7 @@ def _requested(request: dict[str, Any], info: ModelInfo) -> Requested:
         outputs = {}
         for out in asked:
             name = out.get("name") if isinstance(out, dict) else None
-            if name not in info.outputs:
-                raise RequestError(400, f"unknown output '{_short(name)}': the model has {', '.join(info.outputs)}")
+            check_output(name, info)
             binary = _parameters(out, f"output '{name}'").get("binary_data", default_binary)
             outputs[name] = bool(binary)
     rid = request.get("id")
