@@ -18,7 +18,7 @@ How a verdict is reached (issue 21):
 - a cached training counts only with its success marker, under a key holding the command, the git commit of
   vggspec/ (and a hash of uncommitted changes there), the data set's hash and the upstream checkpoints' hashes.
 
-Run: `.venv/bin/python -m benchmarks --only paper` (98 minutes on 2 cores on 2026-12-06; resumable: run it
+Run: `.venv/bin/python -m benchmarks --only paper` (90 minutes on 2 cores on 2026-12-06, 22:26 UTC; resumable: run it
 again after an interruption) or `--quick` (a smoke run of every code path, within 10 minutes, whose figures
 mean nothing). The full run writes benchmarks/paper.json, this section of RESULTS.md and its pictures; the quick
 run writes only under its cache folder (paper-quick/report.md).
@@ -897,7 +897,7 @@ def curves_figure(runs: dict[str, Path], out: Path) -> str:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5), dpi=100)
+    fig = Figure(figsize=(11, 5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     colours = matplotlib.colormaps["tab20"]
     any_cut = False
@@ -913,7 +913,7 @@ def curves_figure(runs: dict[str, Path], out: Path) -> str:
             any_cut = True
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 error, % (trainer's centre crop)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no curve hidden
     fig.tight_layout()
     fig.savefig(out)
     return str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
