@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +55,25 @@ def _vggspec_cli(*args: str, cwd: Path | None = None, without_torch: bool = Fals
 @pytest.fixture
 def vggspec_cli():
     return _vggspec_cli
+
+
+@contextmanager
+def _child(args: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """A child process (a `vggspec serve`) with its stderr piped as text; killed if the test left it running,
+    whatever the test's outcome, and its pipe closed."""
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.fixture
+def child():
+    return _child
 
 
 # A one-channel spec and a 16x16x1 one, shared by the command-line tests of several commands.

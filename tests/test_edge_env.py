@@ -194,7 +194,7 @@ def serve_python(tmp_path_factory) -> Path:
     return _edge_env(tmp_path_factory.mktemp("serve"), ("serve",))
 
 
-def test_the_server_runs_on_the_edge_install_without_torch_within_its_size(serve_python, tmp_path):
+def test_the_server_runs_on_the_edge_install_without_torch_within_its_size(serve_python, tmp_path, child):
     import signal
     import urllib.request
 
@@ -209,9 +209,7 @@ def test_the_server_runs_on_the_edge_install_without_torch_within_its_size(serve
     assert size <= SERVE_BUDGET_MB, f"{size:.0f} MB"
     (tmp_path / "edge.vgg").write_text(SPEC)
     export_onnx(load_spec(tmp_path / "edge.vgg"), tmp_path / "dense.onnx", fully_conv=True, scores=True)
-    proc = subprocess.Popen([str(serve_python), "-m", "vggspec", "serve", "dense.onnx", "--port", "0"], cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with child([str(serve_python), "-m", "vggspec", "serve", "dense.onnx", "--port", "0"], cwd=tmp_path) as proc:
         line = proc.stderr.readline()
         assert "on http://127.0.0.1:" in line, line + proc.stderr.read()
         port = line.split("http://127.0.0.1:")[1].split()[0]
@@ -219,8 +217,3 @@ def test_the_server_runs_on_the_edge_install_without_torch_within_its_size(serve
             assert json.load(resp)["inputs"][0]["name"] == "input"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()

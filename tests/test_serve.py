@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -406,10 +405,9 @@ def test_reload_swaps_the_model_without_failing_a_request(files, tmp_path):
         s.stop()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(files):
-    proc = subprocess.Popen([sys.executable, "-m", "vggspec", "serve", f"t={files['dense']}", "--port", "0",
-                             "--grace", "5", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
-    try:
+def test_sigterm_drains_in_flight_requests_and_exits_0(files, child):
+    with child([sys.executable, "-m", "vggspec", "serve", f"t={files['dense']}", "--port", "0", "--grace", "5",
+                "--device", "cpu"]) as proc:
         line = proc.stderr.readline()
         assert "vggspec serve: t on http://127.0.0.1:" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
@@ -435,11 +433,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(files):
         assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["top"][0]["label"] in LABELS
         assert proc.wait(timeout=8) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 # ---------------------------------------------------------------- issue 20's promises: slow clients, timeouts

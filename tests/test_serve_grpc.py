@@ -280,10 +280,9 @@ def test_grpc_requests_show_in_metrics_and_share_the_batchers(served):
 # ---------------------------------------------------------------- the command
 
 
-def test_serve_grpc_port_answers_and_sigterm_exits_0(files):
-    proc = subprocess.Popen([sys.executable, "-m", "vggspec", "serve", f"t={files['dense']}", "--port", "0",
-                             "--grpc-port", "0", "--device", "cpu", "--grace", "2"], stderr=subprocess.PIPE, text=True)
-    try:
+def test_serve_grpc_port_answers_and_sigterm_exits_0(files, child):
+    with child([sys.executable, "-m", "vggspec", "serve", f"t={files['dense']}", "--port", "0", "--grpc-port", "0",
+                "--device", "cpu", "--grace", "2"]) as proc:
         lines = [proc.stderr.readline(), proc.stderr.readline()]
         assert "on http://127.0.0.1:" in lines[0] and "gRPC on 127.0.0.1:" in lines[1], lines
         url = lines[1].split("gRPC on ")[1].strip()
@@ -294,11 +293,6 @@ def test_serve_grpc_port_answers_and_sigterm_exits_0(files):
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 def test_a_grpc_port_in_use_is_a_one_line_error(files):
