@@ -393,7 +393,7 @@ def test_the_plateau_schedule_waits_for_the_loss_to_leave_chance(tmp_path: Path)
     trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     trainer.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, mode="max", factor=0.1,
                                                                    patience=1)
-    trainer.config = SimpleNamespace(patience=1, lr_steps=())
+    trainer.config = SimpleNamespace(patience=1, lr_steps=(), wait_at_chance=0)
     trainer.epochs_at_chance = 0
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -421,7 +421,7 @@ def test_lr_steps_count_from_the_epoch_the_loss_leaves_chance(tmp_path: Path) ->
     trainer.world = SimpleNamespace(main=True)
     trainer.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     trainer.scheduler = torch.optim.lr_scheduler.MultiStepLR(trainer.optimizer, [2, 3], gamma=0.1)
-    trainer.config = SimpleNamespace(patience=5, lr_steps=(2, 3))
+    trainer.config = SimpleNamespace(patience=5, lr_steps=(2, 3), wait_at_chance=0)
     trainer.epochs_at_chance = 0
     lrs = []
     with warnings.catch_warnings(record=True) as seen:
@@ -432,6 +432,36 @@ def test_lr_steps_count_from_the_epoch_the_loss_leaves_chance(tmp_path: Path) ->
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001, 0.0001, 0.0001])
     notes = [str(w.message) for w in seen if w.category is TrainingNote]
     assert len(notes) == 1 and "the fixed schedule counts from the epoch the net starts to learn" in notes[0]
+
+
+def test_epochs_at_chance_add_to_the_budget_up_to_wait_at_chance_and_survive_a_resume(
+        tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vggspec.cli import main
+    from vggspec.train import loop
+
+    # Every epoch reads as at chance (a band wider than any loss): each one, up to --wait-at-chance, is added.
+    monkeypatch.setattr(loop.Trainer, "_chance", lambda self: (math.log(self.graph.meta.classes), 100.0))
+    spec = tiny_spec(tmp_path / "tiny.vgg")
+    args = ["train", str(spec), "--data", str(folder), "--batch-size", "8", "--workers", "0", "--scale", "10",
+            "--no-progress", "--lr-steps", "1"]
+
+    def epochs(run: Path) -> list[int]:
+        return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    result = CliRunner().invoke(main, [*args, "--epochs", "2", "--wait-at-chance", "3", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert epochs(tmp_path / "a") == [1, 2, 3, 4, 5]  # 2 + 3 waited: the rate was never cut, as none learnt
+    assert "--wait-at-chance adds these epochs to --epochs, up to 3" in result.output
+    # Stopped after 1 + 1 epochs, resumed with a longer wait: the 2 epochs already at chance count, so the run
+    # goes on to 1 + min(4, 3); a resume that forgot them would find the run finished.
+    run = tmp_path / "b"
+    assert CliRunner().invoke(main, [*args, "--epochs", "1", "--wait-at-chance", "1", "-o", str(run)]).exit_code == 0
+    assert epochs(run) == [1, 2]
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(run), "--wait-at-chance", "3", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    assert epochs(run) == [1, 2, 3, 4]
+    bad = CliRunner().invoke(main, [*args, "--wait-at-chance", "-1", "-o", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "--wait-at-chance" in bad.output and not (tmp_path / "c").exists()
 
 
 def test_signal_gain_separates_the_inits_that_train_from_those_that_stay_at_chance() -> None:
@@ -482,7 +512,7 @@ def test_resume_names_every_ignored_option(tmp_path: Path, folder: Path) -> None
                                    "--lighting 0.5 (the run's --lighting 0.1)",
                                    "--weight-decay 0.1 (the run's --weight-decay 0.0005)",
                                    "--no-flip (the run's --flip)"]
-    assert taken.startswith("resumed run takes only --epochs, --workers")
+    assert taken.startswith("resumed run takes only --epochs, --wait-at-chance, --workers")
 
 
 def test_resume_refuses_other_class_folders(tmp_path: Path, folder: Path) -> None:

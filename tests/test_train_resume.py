@@ -125,8 +125,8 @@ def test_resume_takes_matching_options_and_names_the_runs_own(started: Path) -> 
     assert changed.exit_code == 0, changed.output
     note = [line for line in changed.stderr.splitlines() if line.startswith("note: resuming")]
     assert note == ["note: resuming with the run's own settings; ignoring --lr 0.5 (the run's --lr 0.01), --no-flip "
-                    "(the run's --flip) (a resumed run takes only --epochs, --workers, --threads, --save-every, "
-                    "--compile, --progress, --data, --device)"]
+                    "(the run's --flip) (a resumed run takes only --epochs, --wait-at-chance, --workers, --threads, "
+                    "--save-every, --compile, --progress, --data, --device)"]
 
 
 def test_a_new_run_still_needs_spec_and_data(tmp_path: Path) -> None:

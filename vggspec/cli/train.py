@@ -74,6 +74,11 @@ def _lr_steps(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--lr-steps", callback=_lr_steps, metavar="E1,E2,...", default=None,
               help="A fixed schedule instead: divide the rate by 10 after each of these epochs (e.g. 15,18), "
                    "counted like --patience once the training loss has left chance; --patience is then unused.")
+@click.option("--wait-at-chance", type=click.IntRange(0), default=DEFAULTS["wait_at_chance"], metavar="N",
+              show_default=True,
+              help="Epochs at chance before the net starts to learn, at most N, do not count toward --epochs: a "
+                   "late starter gets as many epochs of learning as an early one (the schedule counts from the "
+                   "start too).")
 @click.option("--init-from", metavar="CKPT", default=DEFAULTS["init_from"],
               help="Initialise from a shallower net (the paper's A). Not with --weights.")
 @click.option("--weights", metavar="CKPT", default=DEFAULTS["weights"],

@@ -9,8 +9,9 @@ from typing import Any
 from ..errors import VggspecError
 from ..limits import MAX_LR, MAX_WEIGHT_DECAY
 
-# Options a resumed run may change: how it runs, not what it computes.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "threads", "save_every", "compile", "progress", "data", "device")
+# Options a resumed run may change: how long and how it runs, not what each step computes.
+RESUMABLE_OVERRIDES = ("epochs", "wait_at_chance", "workers", "threads", "save_every", "compile", "progress", "data",
+                       "device")
 
 
 class TrainingNote(UserWarning):
@@ -34,6 +35,7 @@ class TrainConfig:
     patience: int = 5
     max_decreases: int = 3
     lr_steps: tuple[int, ...] = ()  # epochs after which the rate is divided by 10; empty: the plateau schedule
+    wait_at_chance: int = 0  # epochs at chance before the net starts to learn, at most this many, add to `epochs`
     init_from: str | None = None
     weights: str | None = None
     seed: int = 0

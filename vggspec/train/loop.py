@@ -207,7 +207,7 @@ class Trainer:
         self.progress, self.saved_step = Progress(), 0
         self.at_chance, self.said_stuck = 0, False  # steps in a row with the loss at ln(classes)
         self.below_chance, self.said_left = 0, False  # steps in a row under that band, once said stuck
-        self.epochs_at_chance = 0  # epochs the plateau schedule waited for the loss to leave chance
+        self.epochs_at_chance = 0  # epochs the schedule waited for the loss to leave chance
         if self.state is not None:
             self._restore(self.state)  # optimiser, schedule, position in the epoch, random streams
         self.net = self._wrap()  # DDP across processes, torch.compile
@@ -402,6 +402,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         p = state["progress"]
         self.progress = Progress(p["epoch"], p["step"], p["global_step"], dict(p["sums"]))
+        self.epochs_at_chance = int(state.get("epochs_at_chance", 0))  # the budget and the notes depend on it
         self.saved_step = self.progress.global_step
         restore_rng(state["rng"])
         if self.world.rank:  # other ranks keep their own dropout streams, derived from rank 0's
@@ -451,16 +452,23 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         train_tf, eval_tf = self._transforms()
-        if self.progress.epoch >= self.config.epochs:  # a resumed run that had already finished
+        if self.progress.epoch >= self.budget:  # a resumed run that had already finished
             return {"epoch": self.progress.epoch, "finished": True}
         train_set = self._dataset(self.train_split, train_tf)
         self.val_set = self._dataset(self.val_split, eval_tf)
         self._choose_workers(train_set)
         last: dict[str, Any] = {}
-        while self.progress.epoch < self.config.epochs:
+        while self.progress.epoch < self.budget:  # re-read each epoch: a late starter's budget grows
             self._train_epoch(train_set)
             last = self._end_epoch()
         return last
+
+    @property
+    def budget(self) -> int:
+        """The run's epochs: --epochs, plus the epochs spent at chance before the net started to learn, at most
+        --wait-at-chance of them, so that a late starter gets the same epochs of learning as an early one (the
+        schedule counts from the start too)."""
+        return self.config.epochs + min(self.epochs_at_chance, self.config.wait_at_chance)
 
     def _choose_workers(self, train_set: ImageDataset) -> None:
         """--workers left out: none when the decoded training set sits in memory (a small set, such as digits:
@@ -486,7 +494,7 @@ class Trainer:
         sampler = GlobalBatchSampler(len(self.train_split), c.batch_size, w.rank, w.size, c.accumulate,
                                      c.seed, p.epoch, start=p.step)
         bar = EpochBar(w.main and c.progress)
-        bar.start(p.epoch + 1, c.epochs, sampler.steps, p.step)
+        bar.start(p.epoch + 1, self.budget, sampler.steps, p.step)
         ddp, step_sums, t0 = self._ddp(), [0.0, 0.0, 0.0, 0.0], time.perf_counter()
         try:
             for i, (x, y, skipped) in enumerate(self._loader(dataset, sampler)):
@@ -663,10 +671,12 @@ class Trainer:
         first_cut = self.config.lr_steps[0] if self.config.lr_steps else self.config.patience + 1
         if self.epochs_at_chance == first_cut and self.world.main:  # once: the count only grows
             kind = "fixed" if self.config.lr_steps else "plateau"
+            wait = self.config.wait_at_chance
+            more = (f"; --wait-at-chance adds these epochs to --epochs, up to {wait}" if wait else "")
             warnings.warn(TrainingNote(f"the training loss has been at chance, ln {self.graph.meta.classes}, for "
                                        f"{self.epochs_at_chance} epochs: the learning rate stays at "
                                        f"{self.optimizer.param_groups[0]['lr']:g}, since the {kind} schedule "
-                                       "counts from the epoch the net starts to learn"), stacklevel=2)
+                                       f"counts from the epoch the net starts to learn{more}"), stacklevel=2)
 
     def save(self) -> None:
         """Rank 0 writes a state/ checkpoint (everything a resume needs), then model.safetensors, both atomically."""
@@ -679,6 +689,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "stats": self.stats, "classes": list(self.train_split.classes),
             "progress": {"epoch": p.epoch, "step": p.step, "global_step": p.global_step, "sums": dict(p.sums)},
+            "epochs_at_chance": self.epochs_at_chance,
             "rng": capture_rng(),
         }
         save_state(self.rundir, payload)
