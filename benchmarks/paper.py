@@ -91,7 +91,12 @@ PILOT_SEED = 100  # not one of the arms' seeds: choices made on it cannot be tun
 # too easy (best test row 7.35 %). 'wide' keeps the large digits, on which A leaves chance, and adds small
 # ones in more clutter: narrow A at the pilot seed left chance at epoch 8 and ended 20 epochs at 27.2 %
 # (the trainer's validation error; medium's three arms: 18.5-24.4 %) (probe, 2026-12-06 22:12). In the run
-# that followed (2026-12-06 22:26) the arms' A left chance at epochs 13-14: the pilot's seed was early.
+# that followed (2026-12-06 22:26) the arms' A left chance at epochs 13-14: the pilot's seed was early. Two
+# harder settings were probed on validation (2026-12-07, narrow A, seeds 101 and 102, constant lr 1e-2), and in
+# both A memorised the clutter in at least one seed instead of finding the digit: 'wide' on 5,000 training
+# scenes (training loss 1.40 and 1.12 by epoch 34-36, validation error 88-89 % in both seeds) and digits 8-44 px
+# on 7,000 (seed 101: training loss 1.81, validation 89 % at epoch 29; seed 102: 36 %). A harder test than
+# 'wide' makes the arms' A, from which every deeper net starts, a coin toss; 'wide' stays the hardest variant.
 VARIANTS = {
     "small": {"--min-digit": 14, "--max-digit": 44, "--clutter": 1.5},
     "medium": {"--min-digit": 12, "--max-digit": 38, "--clutter": 1.75},
@@ -124,6 +129,8 @@ class Plan:
     scratch_epochs: int  # A and A-LRN from random weights, at fixed S
     epochs: int  # the deeper nets from A's layers, at fixed S
     tune_epochs: int  # jittered nets and their fixed-S twins, fine-tuned from the fixed-S net
+    scratch_wait: int  # A's and A-LRN's epochs at chance that do not count toward scratch_epochs, at most
+    wait: int  # the same for the deeper nets (started from A, they may fall back to chance for a while)
     seeds: tuple[int, ...]
     select_val: int  # validation images the test protocol runs on to choose the fusion pair and the variant
     variants: tuple[str, ...]
@@ -144,9 +151,13 @@ def _seeds() -> tuple[int, ...]:
 # (val 26 % by epoch 15, at chance for 5). Hence 7,000 scenes. The run of 21d829c (20 epochs from scratch, 14
 # for the deeper nets, 5 fine-tuning) converged 10 of 18 nets: A still moved up to 24 pp over its last two
 # epochs (it leaves chance at epoch 5-8 and the fixed schedule counts from there), C, D and E up to 2.7 pp.
-# The time channels_last saves goes to more epochs: 24, 16 and 6.
-FULL = Plan(7000, 1000, 2000, 24, 16, 6, _seeds(), 500, ("wide", "medium"))
-QUICK = Plan(300, 200, 200, 2, 2, 2, (0, 1), 60, ("medium",), heat_images=20)
+# The time channels_last saves goes to more epochs: 24, 16 and 6. The run of 73d5d3f (24 / 16 / 6) converged
+# 10 of 18: A left chance at epochs 13-14 and its rate, counted from there, was never cut in 24 epochs. Hence
+# --wait-at-chance: epochs at chance, at most 16 for A and A-LRN (A's start plus its cuts, 12 and 18 epochs
+# later, fit in 40 epochs for a start up to epoch 21) and 4 for the deeper nets (from a half-trained A, D and E
+# fell back to chance for 3-7 epochs), do not count toward the epochs.
+FULL = Plan(7000, 1000, 2000, 24, 16, 6, 16, 4, _seeds(), 500, ("wide", "medium"))
+QUICK = Plan(300, 200, 200, 2, 2, 2, 1, 1, (0, 1), 60, ("medium",), heat_images=20)
 
 
 def command(cfg: Config) -> str:
@@ -252,6 +263,7 @@ class Job:
     scale: str
     epochs: int
     schedule: tuple[float, ...]  # lr / 10 after these fractions of the epochs
+    wait: int = 0  # epochs at chance, at most this many, that do not count toward `epochs` (--wait-at-chance)
     lr: float = 0.01
     parent: Job | None = None
     init: str = ""  # "--init-from" (section 3.1's deeper nets from A) or "--weights" (fine-tuning)
@@ -278,7 +290,8 @@ class Job:
         start = [self.init, str(run_dir(self.parent, root, code) / "model.safetensors")] if self.parent else []
         return ["train", self.config, *sets_args(self.sets), "--data", str(self.data.folder), *start,
                 "--scale", self.scale, "--lr", str(self.lr), "--batch-size", "32", "--epochs", str(self.epochs),
-                *(["--lr-steps", ",".join(map(str, self.steps))] if self.steps else []), "--seed", str(self.seed),
+                *(["--lr-steps", ",".join(map(str, self.steps))] if self.steps else []),
+                *(["--wait-at-chance", str(self.wait)] if self.wait else []), "--seed", str(self.seed),
                 "--no-flip", "--workers", "0", "--no-progress", "--channels-last"]
 
     def key(self, root: Path, code: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +302,7 @@ class Job:
 def run_dir(job: Job, root: Path, code: dict[str, Any]) -> Path:
     up = run_dir(job.parent, root, code).name if job.parent else ""
     text = json.dumps([job.name, job.config, job.seed, job.data.sha, job.sets, job.scale, job.epochs, job.schedule,
-                       job.lr, job.init, up, code])
+                       job.wait, job.lr, job.init, up, code])
     return root / f"{job.name}-s{job.seed}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -346,18 +359,20 @@ def run_graph(jobs: list[Job], work: Callable[[Job, int], Any], slots: int) -> d
 
 
 def _cost(job: Job) -> float:
-    return COST[job.config] * (JITTER_COST if job.init == "--weights" else 1.0) * job.epochs * job.data.train
+    tune = JITTER_COST if job.init == "--weights" else 1.0
+    return COST[job.config] * tune * (job.epochs + job.wait) * job.data.train
 
 
 def plan_seconds(plan: Plan) -> dict[str, float]:
     """The plan's wall time two at a time, from COST (the pilot when its first variant trains, its lone chain
     on two threads at about 1.5x): for the docstring's promise, printed with each run."""
-    per_img = {"scratch": (COST["A"] + COST["A-LRN"]) * plan.scratch_epochs,
-               "deep": sum(COST[c] for c in "BCDE") * plan.epochs,
+    scenes = plan.train
+    scratch, deep = plan.scratch_epochs + plan.scratch_wait, plan.epochs + plan.wait  # every wait used: at most
+    per_img = {"scratch": (COST["A"] + COST["A-LRN"]) * scratch, "deep": sum(COST[c] for c in "BCDE") * deep,
                "tune": JITTER_COST * (2 * COST["D"] + COST["E"]) * plan.tune_epochs}
-    train = len(plan.seeds) * sum(per_img.values()) * plan.train / 2
-    pilot = len(SCHEDULES) * COST["A"] * plan.scratch_epochs * plan.train / 2 + (
-        COST["D"] * (plan.epochs + JITTER_COST * plan.tune_epochs) * plan.train / 1.5)
+    train = len(plan.seeds) * sum(per_img.values()) * scenes / 2
+    pilot = len(SCHEDULES) * COST["A"] * scratch * scenes / 2 + (
+        COST["D"] * (deep + JITTER_COST * plan.tune_epochs) * scenes / 1.5)
     crop_s = 0.075 * plan.test * 2 * len(plan.seeds) + 0.075 * plan.select_val * 4 * len(plan.seeds)
     return {"training": round(train), "pilot": round(pilot), "evaluation": round((crop_s + 60 * len(plan.seeds)) / 2)}
 
@@ -437,8 +452,8 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
     until one trains (its A, and its jittered D under the test protocol, err <= TRAINED_BELOW on validation):
     that is the test variant. A variant whose A did not learn is not tried further (every arm starts from A)."""
     first = make_data(cfg, plan, plan.variants[0])
-    a_by_s = {name: Job(f"pilot-A-{name}", "A", PILOT_SEED, first, SETS, str(S_FIXED), plan.scratch_epochs, fr)
-              for name, fr in SCHEDULES.items()}
+    a_by_s = {name: Job(f"pilot-A-{name}", "A", PILOT_SEED, first, SETS, str(S_FIXED), plan.scratch_epochs, fr,
+                        plan.scratch_wait) for name, fr in SCHEDULES.items()}
     run_graph(list(a_by_s.values()), lambda j, t: train(j, root, code, t), plan.jobs)
     a_val = {name: val_error(j, root, code, plan) for name, j in a_by_s.items()}
     schedule = min(SCHEDULES, key=lambda name: (a_val[name], name))
@@ -455,8 +470,8 @@ def pilot(cfg: Config, plan: Plan, root: Path, code: dict[str, Any]) -> dict[str
         if a_err[v] > TRAINED_BELOW and not cfg.quick:  # A is where B-E start: without it no arm trains either
             best_val[v] = float("nan")
             continue
-        d = Job(f"pilot-D-{v}", "D", PILOT_SEED, data, SETS, str(S_FIXED), plan.epochs, fractions, parent=a,
-                init="--init-from")
+        d = Job(f"pilot-D-{v}", "D", PILOT_SEED, data, SETS, str(S_FIXED), plan.epochs, fractions, plan.wait,
+                parent=a, init="--init-from")
         jit = Job(f"pilot-D-jit-{v}", "D", PILOT_SEED, data, SETS, f"{JITTER[0]}:{JITTER[1]}", plan.tune_epochs,
                   fractions, lr=0.001, parent=d, init="--weights")
         run_graph([a, d, jit], lambda j, t: train(j, root, code, t), plan.jobs)
@@ -489,13 +504,15 @@ def arms(plan: Plan, data: Data, fractions: tuple[float, ...]) -> dict[int, dict
     out = {}
     for seed in plan.seeds:
         def net(name: str, config: str, seed: int = seed, **kw: Any) -> Job:
-            base = {"sets": SETS, "scale": str(S_FIXED), "epochs": plan.epochs, "schedule": fractions}
+            base = {"sets": SETS, "scale": str(S_FIXED), "epochs": plan.epochs, "schedule": fractions,
+                    "wait": plan.wait}
             return Job(name, config, seed, data, **(base | kw))
 
-        a = net("A", "A", epochs=plan.scratch_epochs)
-        nets = {"A": a, "A-LRN": net("A-LRN", "A-LRN", epochs=plan.scratch_epochs, sets=SETS_LRN)}
+        scratch = {"epochs": plan.scratch_epochs, "wait": plan.scratch_wait}
+        a = net("A", "A", **scratch)
+        nets = {"A": a, "A-LRN": net("A-LRN", "A-LRN", sets=SETS_LRN, **scratch)}
         nets |= {c: net(c, c, parent=a, init="--init-from") for c in "BCDE"}
-        tune = {"epochs": plan.tune_epochs, "lr": 0.001, "init": "--weights"}
+        tune = {"epochs": plan.tune_epochs, "wait": 0, "lr": 0.001, "init": "--weights"}
         jit = f"{JITTER[0]}:{JITTER[1]}"
         nets |= {"D-jit": net("D-jit", "D", parent=nets["D"], scale=jit, **tune),
                  "D-tune": net("D-tune", "D", parent=nets["D"], **tune),
@@ -643,10 +660,11 @@ def run(cfg: Config) -> Section:
     results: dict[str, Any] = {
         "method": "issue 21: seeds, hierarchical bootstrap over seeds and scans, verdicts, equivalence margins",
         "trained_at": code, "plan": {k: v for k, v in plan.__dict__.items()}, "sets": list(SETS),
-        "sets_lrn": list(SETS_LRN),        "margins": {"top1_pp": 100 * MARGIN_TOP1, "nll": MARGIN_NLL},
+        "sets_lrn": list(SETS_LRN), "margins": {"top1_pp": 100 * MARGIN_TOP1, "nll": MARGIN_NLL},
         "scales": {"S_fixed": S_FIXED, "jitter": JITTER, "Q_fixed": Q_FIXED, "Q_jitter": Q_JITTER},
         "choices": {k: v for k, v in choice.items() if k != "curves"},
-        "data": {"variant": data.variant, "sha256": data.sha, "options": VARIANTS[data.variant]},
+        "data": {"variant": data.variant, "sha256": data.sha, "options": VARIANTS[data.variant],
+                 "train_scenes": data.train},
         "nets": net_table(nets, test_parts, markers, root, code),
         "fusion": {str(s): {"pair": f["pair"], "val_err": f["val_err"]} for s, f in fusion.items()},
         "trends": all_trends(test_parts, fusion, seeds),
@@ -719,8 +737,9 @@ def convergence(nets: dict[int, dict[str, Job]], root: Path, code: dict[str, Any
             rows = [json.loads(x) for x in (run_dir(job, root, code) / "metrics.jsonl").read_text().splitlines()]
             cuts = [r["epoch"] for r, nxt in zip(rows, rows[1:], strict=False) if nxt["lr"] < r["lr"]]
             moved = 100 * abs(rows[-1]["val_top1_err"] - rows[max(0, len(rows) - 3)]["val_top1_err"])
-            per[f"{name} s{seed}"] = {"cut_after": cuts, "moved_pp": round(moved, 2),
-                                      "converged": bool(cuts) and moved <= SETTLED_PP}
+            left = next((r["epoch"] for r in rows if r["train_loss"] < math.log(10) - 0.1), None)  # the trainer's band
+            per[f"{name} s{seed}"] = {"epochs": len(rows), "left_chance_at": left, "cut_after": cuts,
+                                      "moved_pp": round(moved, 2), "converged": bool(cuts) and moved <= SETTLED_PP}
     return {"nets": per, "converged": sum(v["converged"] for v in per.values()), "of": len(per),
             "rule": f"rate cut at least once and val error moved <= {SETTLED_PP} pp over the last two epochs"}
 
@@ -829,17 +848,19 @@ def report(section: Section, results: dict[str, Any], plan: Plan) -> None:
         f"validation, where A learnt: {ch['best_val_err_by_variant']} %, aim >= "
         f"{100 * DIFFICULTY:.0f} %{'' if ch['variant_meets_difficulty'] else ', NOT met by any variant'}). Best "
         f"test top-1 of any row: {results['best_test_top1']:.1f} % (the aim: >= 10 %).",
-        f"{plan.train} training scenes; lr 1e-2, batch 32, momentum 0.9, weight decay 5e-4; A from random weights "
-        f"({plan.scratch_epochs} epochs) and B-E from A's first four conv and last three FC layers (`--init-from`, "
-        f"{plan.epochs} epochs); the jittered nets and D's fixed-S twin fine-tuned from their fixed-S net for "
-        f"{plan.tune_epochs} epochs at 1e-3 (`--weights`), under the same schedule fractions. Every net: batch "
+        f"{results['data']['train_scenes']} training scenes; lr 1e-2, batch 32, momentum 0.9, weight decay 5e-4; A "
+        f"from random weights ({plan.scratch_epochs} epochs after its loss leaves chance, the epochs before it at "
+        f"most {plan.scratch_wait}: `--wait-at-chance`) and B-E from A's first four conv and last three FC layers "
+        f"(`--init-from`, {plan.epochs} epochs, at most {plan.wait} more at chance); the jittered nets and D's "
+        f"fixed-S twin fine-tuned from their fixed-S net for {plan.tune_epochs} epochs at 1e-3 (`--weights`), under "
+        "the same schedule fractions, counted from the epoch the loss leaves chance. Every net: batch "
         "norm after every convolution, Glorot init, no dropout (`--set` options in paper.json `sets`). A-LRN's "
         f"LRN has alpha {LRN_ALPHA:.2f} (AlexNet's 1e-4 times 57.6^2: the paper's LRN on activations at the "
         "scale of its raw pixels; with AlexNet's alpha, after batch norm, it is a constant, 2^-0.75, and without "
         "batch norm A did not train at any rate tried, 2026-12-05/06); its output / input on validation images "
         f"is {_ratio_text(results['lrn_ratio'])}.",
         f"Convergence ({results['convergence']['rule']}): {results['convergence']['converged']} of "
-        f"{results['convergence']['of']} nets trained at 1e-2.",
+        f"{results['convergence']['of']} nets trained at 1e-2. {_starts_text(results['convergence']['nets'])}",
         "Flips are off in training and testing (a mirrored digit is another glyph): multi-crop is the 5 x 5 grid "
         "at each Q without mirrors. Each net's posteriors are kept per test scale and kind (dense, crops); the "
         "protocols and fusion average them as vggspec.runtime does. Check against `vggspec eval`: "
@@ -849,6 +870,15 @@ def report(section: Section, results: dict[str, Any], plan: Plan) -> None:
         + f"; {results['seconds']['trained_this_run']} trainings this run. Seconds: {results['seconds']}.",
         f"Forest plot: {results['forest']}; validation curves: {results['curves']}.",
     ]
+
+
+def _starts_text(per: dict[str, Any]) -> str:
+    """A's and A-LRN's epochs per seed: where the loss left chance, and how many the run took with its wait."""
+    def one(name: str) -> str:
+        runs = [(k.split()[-1], v) for k, v in per.items() if k.split()[0] == name]
+        return ", ".join(f"{s} {v['left_chance_at'] or 'never'}/{v['epochs']}" for s, v in runs)
+
+    return f"Epoch the training loss left chance / epochs trained: A {one('A')}; A-LRN {one('A-LRN')}."
 
 
 def _ratio_text(r: dict[str, Any]) -> str:
