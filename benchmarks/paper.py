@@ -18,7 +18,7 @@ How a verdict is reached (issue 21):
 - a cached training counts only with its success marker, under a key holding the command, the git commit of
   vggspec/ (and a hash of uncommitted changes there), the data set's hash and the upstream checkpoints' hashes.
 
-Run: `.venv/bin/python -m benchmarks --only paper` (90 minutes on 2 cores on 2026-12-06, 22:26 UTC; resumable: run it
+Run: `.venv/bin/python -m benchmarks --only paper` (116 minutes on 2 cores on 2026-12-07, 01:20 UTC; resumable: run it
 again after an interruption) or `--quick` (a smoke run of every code path, within 10 minutes, whose figures
 mean nothing). The full run writes benchmarks/paper.json, this section of RESULTS.md and its pictures; the quick
 run writes only under its cache folder (paper-quick/report.md).
