@@ -366,13 +366,12 @@ def _cost(job: Job) -> float:
 def plan_seconds(plan: Plan) -> dict[str, float]:
     """The plan's wall time two at a time, from COST (the pilot when its first variant trains, its lone chain
     on two threads at about 1.5x): for the docstring's promise, printed with each run."""
-    scenes = plan.train
     scratch, deep = plan.scratch_epochs + plan.scratch_wait, plan.epochs + plan.wait  # every wait used: at most
     per_img = {"scratch": (COST["A"] + COST["A-LRN"]) * scratch, "deep": sum(COST[c] for c in "BCDE") * deep,
                "tune": JITTER_COST * (2 * COST["D"] + COST["E"]) * plan.tune_epochs}
-    train = len(plan.seeds) * sum(per_img.values()) * scenes / 2
-    pilot = len(SCHEDULES) * COST["A"] * scratch * scenes / 2 + (
-        COST["D"] * (deep + JITTER_COST * plan.tune_epochs) * scenes / 1.5)
+    train = len(plan.seeds) * sum(per_img.values()) * plan.train / 2
+    pilot = len(SCHEDULES) * COST["A"] * scratch * plan.train / 2 + (
+        COST["D"] * (deep + JITTER_COST * plan.tune_epochs) * plan.train / 1.5)
     crop_s = 0.075 * plan.test * 2 * len(plan.seeds) + 0.075 * plan.select_val * 4 * len(plan.seeds)
     return {"training": round(train), "pilot": round(pilot), "evaluation": round((crop_s + 60 * len(plan.seeds)) / 2)}
 
