@@ -230,3 +230,26 @@ def test_matches_torchvision(arch):
     if arch == "vgg16":  # the paper's dense evaluation of D at 256: a 2 x 2 score map of 7 x 7 windows
         scores = _unfold_check(model, torch.randn(1, 3, 256, 256), (7, 7))
         assert scores.shape == (1, 1000, 2, 2)
+
+
+@pytest.mark.parametrize("size", [5, 4, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_generated_lrn_computes_torchs_local_response_norm(size, channels_last):
+    """The generated LRN (a band convolution, for speed) against torch's own nn.LocalResponseNorm: values and
+    gradients, odd and even windows, either memory layout, channels fewer than the window at the edges."""
+    module = load_module_class(_graph(SMALL))
+    lrn = sys.modules[module.__module__].LocalResponseNorm(size, alpha=0.33, beta=0.75, k=2.0)
+    reference = torch.nn.LocalResponseNorm(size, alpha=0.33, beta=0.75, k=2.0)
+    x = torch.randn(3, 7, 9, 11, dtype=torch.float64) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (lrn(ours) * torch.arange(11.0, dtype=torch.float64)).sum().backward()
+    (reference(theirs) * torch.arange(11.0, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(lrn(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_lrn_class_only_where_the_spec_has_an_lrn():
+    assert "class LocalResponseNorm" in render_source(vggspec.load_spec("A-LRN"))
+    assert "LocalResponseNorm" not in render_source(vggspec.load_spec("A"))

@@ -121,6 +121,7 @@ def render_source(graph: LayerGraph) -> str:
         "weight_layers": len(graph.of_op("conv", "fc")),
         "params": graph.params,
         "spec_lines": _docstring_lines(graph.meta.spec_text),
+        "has_lrn": bool(graph.of_op("lrn")),
     }
     template = _environment().get_template(TEMPLATE)
     source = template.render(**context, long_lines=False)
