@@ -261,13 +261,25 @@ def test_a_full_queue_answers_503_with_retry_after(files):
                                        "data": x.ravel().tolist()}]}).encode()
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(s.request, "POST", "/v2/models/t/infer", body)
-            time.sleep(0.15)
+            _wait_for_queue_depth(s, 1)  # a fixed sleep raced the first request on a loaded machine
             status, headers, out = s.request("POST", "/v2/models/t/infer", body)
             assert status == 503 and headers.get("retry-after") == "1" and "busy" in json.loads(out)["error"]
             assert first.result()[0] == 200
         assert s.request("GET", "/v2/health/ready")[0] == 200
     finally:
         s.stop()
+
+
+def _wait_for_queue_depth(s: Server, depth: int, timeout_s: float = 10.0) -> None:
+    """Until the server's own gauge says `depth` requests hold a slot of its queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = s.request("GET", "/metrics")[2].decode()
+        if any(line.split()[-1] == f"{depth:.1f}" for line in text.splitlines()
+               if line.startswith("vggspec_queue_depth ")):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the queue never held {depth} request(s) in {timeout_s} s")
 
 
 def test_api_key_on_every_route_but_health(files):
