@@ -17,12 +17,13 @@ How a verdict is reached (issue 21):
   on validation by a pilot with its own seed, before the arms are trained (a full run reuses the choice of the
   pilot's last run, RECORDED_PILOT; VGGSPEC_PAPER_PILOT=1 runs it again, 14 more minutes);
 - a cached training counts only with its success marker, under a key holding the command, the git commit of
-  vggspec/ (and a hash of uncommitted changes there), the data set's hash and the upstream checkpoints' hashes.
+  vggspec/, templates/ and specs/ (and a hash of uncommitted changes there), the data set's hash and the
+  upstream checkpoints' hashes.
 
-Run: `.venv/bin/python -m benchmarks --only paper` (116 minutes on 2 cores on 2026-12-07, 01:20 UTC; resumable: run it
-again after an interruption) or `--quick` (a smoke run of every code path, within 10 minutes, whose figures
-mean nothing). The full run writes benchmarks/paper.json, this section of RESULTS.md and its pictures; the quick
-run writes only under its cache folder (paper-quick/report.md).
+Run: `.venv/bin/python -m benchmarks --only paper` (94 minutes on 2 cores on 2026-12-07, 04:00 UTC, with the
+pilot's recorded choice; resumable: run it again after an interruption) or `--quick` (a smoke run of every code
+path, within 10 minutes, whose figures mean nothing). The full run writes benchmarks/paper.json, this section of
+RESULTS.md and its pictures; the quick run writes only under its cache folder (paper-quick/report.md).
 """
 
 from __future__ import annotations
