@@ -514,13 +514,11 @@ RECORDED_PILOT = {
 
 
 def recorded(cfg: Config, plan: Plan) -> dict[str, Any]:
+    """RECORDED_PILOT in the shape `pilot` returns, with what follows from it."""
     r = RECORDED_PILOT
-    return {"schedule": r["schedule"], "schedule_fractions": SCHEDULES[r["schedule"]],
-            "a_val_err_by_schedule": r["a_val_err_by_schedule"], "variant": r["variant"],
-            "variant_options": VARIANTS[r["variant"]], "pilot_a_val_err_by_variant": r["pilot_a_val_err_by_variant"],
-            "best_val_err_by_variant": r["best_val_err_by_variant"],
+    return {**r, "schedule_fractions": SCHEDULES[r["schedule"]], "variant_options": VARIANTS[r["variant"]],
             "variant_meets_difficulty": r["best_val_err_by_variant"][r["variant"]] >= 100 * DIFFICULTY,
-            "data": make_data(cfg, plan, r["variant"]), "curves": {}, "source": r["source"]}
+            "data": make_data(cfg, plan, r["variant"]), "curves": {}}
 
 
 # ---------------------------------------------------------------- the arms

@@ -272,11 +272,12 @@ def test_a_full_queue_answers_503_with_retry_after(files):
 
 def _wait_for_queue_depth(s: Server, depth: int, timeout_s: float = 10.0) -> None:
     """Until the server's own gauge says `depth` requests hold a slot of its queue."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        text = s.request("GET", "/metrics")[2].decode()
-        if any(line.split()[-1] == f"{depth:.1f}" for line in text.splitlines()
-               if line.startswith("vggspec_queue_depth ")):
+        families = text_string_to_metric_families(s.request("GET", "/metrics")[2].decode())
+        if any(f.name == "vggspec_queue_depth" and f.samples[0].value == depth for f in families):
             return
         time.sleep(0.005)
     raise AssertionError(f"the queue never held {depth} request(s) in {timeout_s} s")
